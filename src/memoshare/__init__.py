@@ -1,0 +1,66 @@
+"""memoshare: shared memoization for experiments and training jobs.
+
+The result of an expensive call is computed once and then served to every process (and, with
+memcached or Redis, every machine) that makes the same call::
+
+    from memoshare import memoize
+
+    @memoize()                      # embedded default: a local disk store, no server
+    def heavy(x, y=2):
+        ...
+
+    heavy(1); heavy(x=1)            # the second call is a hit
+    heavy.stats                     # CacheStats(sets=1, misses=1, hits=1, ...)
+"""
+
+from .backends import (
+    Backend,
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    DiskBackend,
+    MemcachedBackend,
+    MemcachedClientConfig,
+    MemoryBackend,
+    default_backend,
+    make_backend,
+)
+from .keys import function_digest, value_digest
+from .memoize import MemoizedFunction, memcached, memoize
+from .moments import Moments
+from .serialization import CorruptEntry, UnpicklableValue
+from .stats import CacheStats, StatsSnapshot
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "BackendTimeout",
+    "BackendUnavailable",
+    "CacheStats",
+    "CorruptEntry",
+    "DiskBackend",
+    "MemcachedBackend",
+    "MemcachedClientConfig",
+    "MemoizedFunction",
+    "MemoryBackend",
+    "Moments",
+    "StatsSnapshot",
+    "UnpicklableValue",
+    "__version__",
+    "default_backend",
+    "function_digest",
+    "make_backend",
+    "memcached",
+    "memoize",
+    "value_digest",
+]
+
+
+def __getattr__(name: str):  # noqa: ANN202 - lazy optional imports
+    if name == "RedisBackend":
+        from .backends.redis import RedisBackend
+
+        return RedisBackend
+    raise AttributeError(f"module 'memoshare' has no attribute {name!r}")

@@ -1,0 +1,466 @@
+"""Cache keys: a blake2b digest of what the function is and of what it was called with.
+
+Two rules make a key trustworthy:
+
+* **Equal calls, equal keys, everywhere.** Arguments are encoded by a canonical, type-tagged
+  walk, not by ``pickle`` (whose output for a ``set`` of strings changes from one process to the
+  next, as string hashing is randomized). Sets and dict items are ordered by the digests of
+  their elements; numpy arrays are fed to the hash from their memory, without a copy.
+* **Different functions, different keys.** The function part covers the bytecode and constants
+  (through nested code objects), defaults, closure values and the globals the code names, so
+  editing any of them starts a fresh set of entries.
+
+Edge cases, by design: ``1``, ``1.0`` and ``True`` are different keys (types are part of the
+key, like ``functools.lru_cache(typed=True)``); ``-0.0`` and ``0.0`` are different keys (their
+bits differ and a function may tell them apart); every NaN is the same key (so ``f(nan)`` can be
+a hit although ``nan != nan``); dicts equal as dicts give one key whatever their insertion order;
+a ``list`` and a ``tuple`` with the same items are different keys.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import math
+import re
+import struct
+import sys
+import types
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_NAMESPACE",
+    "KeyBuilder",
+    "check_namespace",
+    "function_digest",
+    "value_digest",
+]
+
+DEFAULT_NAMESPACE = "memoshare"
+DIGEST_SIZE = 32
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.\-/:@+=]{1,100}")
+
+_u64 = struct.Struct("<Q").pack
+_f64 = struct.Struct("<d").pack
+_NAN = _f64(math.nan)
+
+
+def check_namespace(namespace: str) -> str:
+    """Return ``namespace`` if it can prefix a key in every backend, else raise ``ValueError``."""
+    if not isinstance(namespace, str) or not _NAMESPACE_RE.fullmatch(namespace):
+        raise ValueError(
+            f"invalid namespace {namespace!r}: use 1 to 100 characters among letters, digits "
+            "and _ . - / : @ + = (no whitespace or control characters)"
+        )
+    return namespace
+
+
+class _Hasher:
+    """A canonical encoder feeding a blake2b object."""
+
+    __slots__ = ("h", "_stack")
+
+    def __init__(self, h: Any) -> None:
+        self.h = h
+        self._stack: list[int] = []  # ids of the containers being encoded, for cycles
+
+    def tag(self, tag: bytes, data: bytes | memoryview = b"") -> None:
+        if len(data) < 4096:
+            self.h.update(tag + _u64(len(data)) + data)
+        else:  # large buffers (arrays) are fed in place, never copied
+            self.h.update(tag + _u64(len(data)))
+            self.h.update(data)
+
+    def text(self, tag: bytes, s: str) -> None:
+        self.tag(tag, s.encode("utf-8", "surrogatepass"))
+
+    # -- values --------------------------------------------------------------------------------
+    def value(self, obj: Any) -> None:
+        encode = _EXACT.get(type(obj))
+        if encode is not None:
+            encode(self, obj)
+            return
+        if isinstance(obj, np.generic):
+            self.array(np.asarray(obj))
+        elif isinstance(obj, types.FunctionType | functools.partial | types.MethodType):
+            self.tag(b"fn", function_digest(obj))
+        elif isinstance(obj, type):
+            self.text(b"cls", f"{obj.__module__}.{obj.__qualname__}")
+        elif isinstance(obj, types.ModuleType):
+            self.text(b"mod", obj.__name__)
+        elif isinstance(obj, types.BuiltinFunctionType):
+            self.text(b"bif", f"{getattr(obj, '__module__', '')}.{obj.__qualname__}")
+        elif hasattr(obj, "_memoshare_digest"):
+            self.tag(b"memo", obj._memoshare_digest)
+        else:
+            self.reduced(obj)
+
+    def container(self, tag: bytes, obj: Any, items: Iterable[Any]) -> None:
+        if id(obj) in self._stack:
+            self.tag(b"cycle", _u64(len(self._stack) - self._stack.index(id(obj))))
+            return
+        self._stack.append(id(obj))
+        try:
+            self.tag(tag, _u64(len(obj)))
+            for item in items:
+                self.value(item)
+        finally:
+            self._stack.pop()
+
+    def unordered(self, tag: bytes, obj: Any, items: Iterable[Any]) -> None:
+        """Feed items in an order that does not depend on hashing or insertion order."""
+        digests = []
+        for item in items:
+            sub = _Hasher(hashlib.blake2b(digest_size=16))
+            sub._stack = self._stack
+            sub.value(item)
+            digests.append(sub.h.digest())
+        digests.sort()
+        self.tag(tag, b"".join(digests))
+
+    def dict(self, obj: dict[Any, Any]) -> None:
+        if id(obj) in self._stack:
+            self.tag(b"cycle", b"")
+            return
+        self._stack.append(id(obj))
+        try:
+            self.unordered(b"dict", obj, obj.items())
+        finally:
+            self._stack.pop()
+
+    def array(self, arr: np.ndarray) -> None:
+        if arr.dtype.hasobject:
+            self.tag(b"oarr", repr(arr.shape).encode())
+            self.container(b"oitems", arr, arr.ravel(order="C").tolist())
+            return
+        arr = np.ascontiguousarray(arr)
+        dtype = arr.dtype
+        spec = dtype.str if dtype.fields is None else repr(dtype.descr)
+        self.text(b"arr", f"{spec}{arr.shape}")
+        data = memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
+        self.tag(b"data", data)
+
+    def reduced(self, obj: Any) -> None:
+        """Encode any other object through the parts ``pickle`` would rebuild it from."""
+        try:
+            reduced = obj.__reduce_ex__(5)
+        except Exception as exc:
+            raise TypeError(f"{type(obj).__qualname__} object cannot be pickled: {exc}") from exc
+        if isinstance(reduced, str):  # a global, pickled by reference
+            self.text(b"global", f"{getattr(obj, '__module__', '')}.{reduced}")
+            return
+        if id(obj) in self._stack:
+            self.tag(b"cycle", b"")
+            return
+        self._stack.append(id(obj))
+        try:
+            self.text(b"obj", f"{type(obj).__module__}.{type(obj).__qualname__}")
+            parts = list(reduced) + [None] * (6 - len(reduced))
+            rebuild, args, state, list_items, dict_items = parts[:5]
+            self.value(rebuild)
+            self.value(args)
+            self.value(state)
+            self.value(None if list_items is None else list(list_items))
+            self.value(None if dict_items is None else dict(dict_items))
+        finally:
+            self._stack.pop()
+
+
+def _int(hasher: _Hasher, x: int) -> None:
+    hasher.tag(b"int", x.to_bytes(x.bit_length() // 8 + 1, "little", signed=True))
+
+
+def _float(hasher: _Hasher, x: float) -> None:
+    hasher.tag(b"float", _NAN if x != x else _f64(x))
+
+
+def _complex(hasher: _Hasher, x: complex) -> None:
+    hasher.h.update(b"complex")
+    _float(hasher, x.real)
+    _float(hasher, x.imag)
+
+
+_EXACT: dict[type, Callable[[_Hasher, Any], None]] = {
+    type(None): lambda h, x: h.tag(b"none"),
+    bool: lambda h, x: h.tag(b"bool", b"\x01" if x else b"\x00"),
+    int: _int,
+    float: _float,
+    complex: _complex,
+    str: lambda h, x: h.text(b"str", x),
+    bytes: lambda h, x: h.tag(b"bytes", x),
+    bytearray: lambda h, x: h.tag(b"bytearray", x),
+    memoryview: lambda h, x: h.tag(b"bytes", x.tobytes()),
+    tuple: lambda h, x: h.container(b"tuple", x, x),
+    list: lambda h, x: h.container(b"list", x, x),
+    dict: _Hasher.dict,
+    set: lambda h, x: h.unordered(b"set", x, x),
+    frozenset: lambda h, x: h.unordered(b"frozenset", x, x),
+    range: lambda h, x: h.text(b"range", repr(x)),
+    slice: lambda h, x: h.container(b"slice", (x.start, x.stop, x.step), (x.start, x.stop, x.step)),
+    type(Ellipsis): lambda h, x: h.tag(b"ellipsis"),
+    np.ndarray: _Hasher.array,  # subclasses (masked arrays, ...) go through __reduce_ex__
+}
+
+
+def value_digest(value: Any, digest_size: int = DIGEST_SIZE) -> bytes:
+    """The canonical digest of one value (equal in every process for equal values)."""
+    hasher = _Hasher(hashlib.blake2b(digest_size=digest_size))
+    hasher.value(value)
+    return hasher.h.digest()
+
+
+# -- the function part ---------------------------------------------------------------------------
+def _code_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+def _feed_code(hasher: _Hasher, code: types.CodeType) -> None:
+    hasher.tag(b"code", code.co_code)
+    hasher.tag(b"exc", getattr(code, "co_exceptiontable", b""))
+    hasher.value(
+        (
+            code.co_argcount,
+            code.co_posonlyargcount,
+            code.co_kwonlyargcount,
+            code.co_flags,
+            code.co_names,
+            code.co_varnames,
+            code.co_freevars,
+            code.co_cellvars,
+        )
+    )
+    hasher.tag(b"consts", _u64(len(code.co_consts)))
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _feed_code(hasher, const)
+        else:
+            hasher.value(const)
+
+
+def _feed_global(hasher: _Hasher, value: Any, module: str, seen: set[int]) -> None:
+    """Encode a global the code refers to: what it *is*, as cheaply as that can be told."""
+    if isinstance(value, types.ModuleType):
+        hasher.text(b"mod", value.__name__)
+    elif hasattr(value, "_memoshare_digest"):
+        hasher.tag(b"memo", value._memoshare_digest)
+    elif isinstance(value, types.FunctionType):
+        if value.__module__ == module and id(value) not in seen:
+            # A helper of the same module: its code is part of what the function computes.
+            _feed_function(hasher, value, seen)
+        else:
+            hasher.text(b"gfn", f"{value.__module__}.{value.__qualname__}")
+    elif isinstance(value, type | types.BuiltinFunctionType):
+        hasher.text(b"gref", f"{getattr(value, '__module__', '')}.{value.__qualname__}")
+    else:
+        try:
+            sub = _Hasher(hashlib.blake2b(digest_size=16))
+            sub.value(value)
+            hasher.tag(b"gval", sub.h.digest())
+        except (TypeError, RecursionError):
+            # Not encodable (a lock, a connection, ...): only its type is part of the key.
+            hasher.text(b"gtype", f"{type(value).__module__}.{type(value).__qualname__}")
+
+
+def _feed_function(hasher: _Hasher, fn: types.FunctionType, seen: set[int]) -> None:
+    seen.add(id(fn))
+    hasher.text(b"qualname", f"{fn.__module__}.{fn.__qualname__}")
+    _feed_code(hasher, fn.__code__)
+    hasher.value(fn.__defaults__)
+    hasher.value(fn.__kwdefaults__)
+    cells = fn.__closure__ or ()
+    hasher.tag(b"closure", _u64(len(cells)))
+    for name, cell in zip(fn.__code__.co_freevars, cells, strict=True):
+        try:
+            content = cell.cell_contents
+        except ValueError:  # an empty cell (a name assigned later in the enclosing scope)
+            hasher.text(b"empty", name)
+            continue
+        if isinstance(content, types.FunctionType):
+            if id(content) in seen:
+                hasher.text(b"recursive", content.__qualname__)
+            else:
+                _feed_function(hasher, content, seen)
+        else:
+            _feed_global(hasher, content, fn.__module__, seen)
+    globals_ = fn.__globals__
+    builtins_ = globals_.get("__builtins__")
+    for name in sorted(_code_names(fn.__code__)):
+        if name in globals_:
+            hasher.text(b"global", name)
+            _feed_global(hasher, globals_[name], fn.__module__, seen)
+        elif builtins_ is not None and name in (
+            builtins_ if isinstance(builtins_, dict) else vars(builtins_)
+        ):
+            continue  # builtins are the same in every process of one Python version
+
+
+def function_digest(fn: Callable[..., Any], digest_size: int = DIGEST_SIZE) -> bytes:
+    """Digest of what ``fn`` computes: code, constants, defaults, closure, referenced globals.
+
+    Handles plain functions, lambdas, ``functools.partial`` (the function and its frozen
+    arguments), bound methods (the function and the instance's state) and callable objects
+    (the class's ``__call__`` and the instance's state). Computed once per decoration.
+    """
+    hasher = _Hasher(hashlib.blake2b(digest_size=digest_size))
+    hasher.text(b"python", "{}.{}".format(*sys.version_info[:2]))
+    _feed_callable(hasher, fn, set())
+    return hasher.h.digest()
+
+
+def _feed_callable(hasher: _Hasher, fn: Any, seen: set[int]) -> None:
+    if hasattr(fn, "_memoshare_digest"):
+        hasher.tag(b"memo", fn._memoshare_digest)
+    elif isinstance(fn, functools.partial):
+        hasher.tag(b"partial")
+        _feed_callable(hasher, fn.func, seen)
+        hasher.value(fn.args)
+        hasher.value(fn.keywords)
+    elif isinstance(fn, types.MethodType):
+        hasher.tag(b"method")
+        _feed_callable(hasher, fn.__func__, seen)
+        hasher.value(fn.__self__)
+    elif isinstance(fn, types.FunctionType):
+        _feed_function(hasher, fn, seen)
+    elif isinstance(fn, types.BuiltinFunctionType | type):
+        hasher.text(b"builtin", f"{getattr(fn, '__module__', '')}.{fn.__qualname__}")
+    elif callable(fn):
+        hasher.tag(b"callable")
+        _feed_callable(hasher, type(fn).__call__, seen)
+        hasher.value(fn)
+    else:
+        raise TypeError(f"cannot memoize {fn!r}: it is not callable")
+
+
+# -- binding arguments ---------------------------------------------------------------------------
+_SIMPLE = inspect.Parameter.POSITIONAL_OR_KEYWORD
+_EMPTY = inspect.Parameter.empty
+
+
+class KeyBuilder:
+    """Builds the key of each call of one function.
+
+    Args:
+        fn: the function whose calls are keyed (for a method, the plain function: ``self`` is
+            then an argument like any other).
+        namespace: prefix of every key (see :func:`check_namespace`).
+        ignore_args: parameter names left out of the key, whether passed by position or name.
+        fn_digest: the function part, from :func:`function_digest` unless pinned by the user.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        namespace: str,
+        ignore_args: Iterable[str],
+        fn_digest: bytes,
+    ) -> None:
+        self.namespace = check_namespace(namespace)
+        self.signature = inspect.signature(fn)
+        params = list(self.signature.parameters.values())
+        names = [p.name for p in params]
+        ignored = set(ignore_args)
+        unknown = ignored - set(names)
+        if unknown:
+            raise ValueError(
+                f"ignore_args names {sorted(unknown)}, which are not parameters of "
+                f"{getattr(fn, '__qualname__', fn)}{self.signature}"
+            )
+        self.ignored = frozenset(ignored)
+        self.qualname = getattr(fn, "__qualname__", repr(fn))
+        self.fn_digest = fn_digest
+        self._base = hashlib.blake2b(fn_digest, digest_size=DIGEST_SIZE)
+        self._prefix = namespace + ":"
+        # Fast path: only plain positional-or-keyword parameters, called positionally.
+        self._simple = all(p.kind is _SIMPLE for p in params)
+        self._n_params = len(params)
+        self._n_required = sum(p.default is inspect.Parameter.empty for p in params)
+        self._defaults = tuple(p.default for p in params)
+        self._names = tuple(names)
+        self._keyword_names = [frozenset(names[i:]) for i in range(len(names) + 1)]
+        self._name_tags = {name: _name_tag(name) for name in names}
+        self._positional_tags = tuple(
+            None if name in self.ignored else self._name_tags[name] for name in names
+        )
+
+    def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The call's arguments by parameter name, defaults applied."""
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
+
+    def _simple_values(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Any, ...] | None:
+        """Values in parameter order for plain signatures, or None to use ``bind``."""
+        n = len(args)
+        if not kwargs:
+            if self._n_required <= n <= self._n_params:
+                return args + self._defaults[n:]
+            return None
+        if n > self._n_params or not kwargs.keys() <= self._keyword_names[n]:
+            return None  # unknown or duplicated names: let bind() raise its TypeError
+        values = args + tuple(
+            kwargs.get(name, default)
+            for name, default in zip(self._names[n:], self._defaults[n:], strict=True)
+        )
+        if _EMPTY in values:
+            return None  # a required argument is missing
+        return values
+
+    def key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        """The store key of the call ``fn(*args, **kwargs)``."""
+        h = self._base.copy()
+        values = self._simple_values(args, kwargs) if self._simple else None
+        if values is not None:
+            for tag, value in zip(self._positional_tags, values, strict=True):
+                if tag is not None:
+                    self._feed(h, tag, value)
+        else:
+            for name, value in self.bind(args, kwargs).items():
+                if name not in self.ignored:
+                    self._feed(h, self._name_tags[name], value)
+        return self._prefix + h.hexdigest()
+
+    def _feed(self, h: Any, tag: bytes, value: Any) -> None:
+        scalar = _SCALARS.get(type(value))
+        if scalar is not None:
+            h.update(tag + scalar(value))
+            return
+        h.update(tag)
+        try:
+            _Hasher(h).value(value)
+        except (TypeError, RecursionError) as exc:
+            name = tag[len(b"arg") + 8 :].decode()
+            raise TypeError(
+                f"cannot build a cache key for {self.qualname}(): argument {name!r} "
+                f"({type(value).__qualname__}) cannot be hashed: {exc}. Pass it through "
+                "ignore_args if it does not change the result."
+            ) from exc
+
+
+def _name_tag(name: str) -> bytes:
+    data = name.encode()
+    return b"arg" + _u64(len(data)) + data
+
+
+def _tagged(tag: bytes, data: bytes) -> bytes:
+    return tag + _u64(len(data)) + data
+
+
+# One-update encodings of the commonest argument types; they equal what _Hasher feeds.
+_SCALARS: dict[type, Callable[[Any], bytes]] = {
+    int: lambda x: _tagged(b"int", x.to_bytes(x.bit_length() // 8 + 1, "little", signed=True)),
+    float: lambda x: _tagged(b"float", _NAN if x != x else _f64(x)),
+    str: lambda x: _tagged(b"str", x.encode("utf-8", "surrogatepass")),
+    bytes: lambda x: _tagged(b"bytes", x),
+    bool: lambda x: _tagged(b"bool", b"\x01" if x else b"\x00"),
+    type(None): lambda x: _tagged(b"none", b""),
+}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-import os
 import random
 import time
 import types
@@ -20,6 +19,7 @@ from .backends import Backend, BackendError, BackendTimeout, make_backend
 from .backends.memcached import MemcachedBackend, MemcachedClientConfig
 from .keys import DEFAULT_NAMESPACE, KeyBuilder, check_namespace, function_digest
 from .moments import Moments
+from .stampede import compute_once
 from .stats import CacheStats
 
 __all__ = ["MemoizedFunction", "memcached", "memoize"]
@@ -215,53 +215,18 @@ class MemoizedFunction(Generic[P, R]):
 
     # -- stampede protection -------------------------------------------------------------------
     def _compute_once(self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
-        """On a miss, let one caller compute while the others wait for its entry."""
-        lease = key + "~lease"
-        deadline = time.monotonic() + self.wait_timeout
-        pause = 0.005
-        while True:
-            try:
-                leased = self.backend.add(lease, _lease_token(), expire=self.lease_timeout)
-            except BackendError as exc:
-                self._backend_failed(exc, "lease")
-                return self._compute_and_store(key, args, kwargs)
-            if leased:
-                try:
-                    # Someone may have stored the entry between our miss and our lease.
-                    found, value = self._lookup(key)
-                    if found:
-                        self.stats.count("hits")
-                        return value  # type: ignore[no-any-return]
-                    return self._compute_and_store(key, args, kwargs)
-                finally:
-                    self._release(lease)
-            # Another caller holds the lease: wait for its entry, or for the lease to go.
-            while True:
-                time.sleep(pause * (0.5 + random.random()))
-                pause = min(pause * 1.5, 0.2)
-                found, value = self._lookup(key)
-                if found:
-                    self.stats.count("hits")
-                    return value  # type: ignore[no-any-return]
-                if time.monotonic() >= deadline:
-                    logger.info(
-                        "memoshare: %s waited %.1fs for another worker; computing",
-                        self.__qualname__,
-                        self.wait_timeout,
-                    )
-                    return self._compute_and_store(key, args, kwargs)
-                try:
-                    if self.backend.get(lease) is None:
-                        break  # the holder gave up (too fast to store, crashed, ...): retry
-                except BackendError as exc:
-                    self._backend_failed(exc, "lease")
-                    return self._compute_and_store(key, args, kwargs)
-
-    def _release(self, lease: str) -> None:
-        try:
-            self.backend.delete(lease)
-        except BackendError as exc:
-            self._backend_failed(exc, "lease release")
+        hit, value = compute_once(
+            self.backend,
+            key,
+            lookup=lambda: self._lookup(key),
+            compute=lambda: self._compute_and_store(key, args, kwargs),
+            on_error=self._backend_failed,
+            lease_timeout=self.lease_timeout,
+            wait_timeout=self.wait_timeout,
+        )
+        if hit:
+            self.stats.count("hits")
+        return value  # type: ignore[no-any-return]
 
     # -- running moments -----------------------------------------------------------------------
     def _call_stochastic(self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
@@ -390,10 +355,6 @@ class _NoSelf:
 
 
 _NO_SELF = _NoSelf()
-
-
-def _lease_token() -> bytes:
-    return f"{os.getpid()}:{time.time():.3f}".encode()
 
 
 def _is_global(obj: Any, module: str) -> bool:

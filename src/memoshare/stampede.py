@@ -1,0 +1,89 @@
+"""Stampede protection: on a miss, one caller computes while the others wait for its entry.
+
+The caller that wins ``add(key + "~lease")`` computes and stores; the others poll the entry with
+a growing pause (5 ms up to 200 ms). The lease expires after ``lease_timeout`` seconds, so a
+crashed worker blocks nobody for longer than that; a waiter that has waited ``wait_timeout``
+seconds computes by itself. A holder that does not store (its call was faster than
+``time_threshold``, or the value cannot be pickled) releases the lease, and the waiters compete
+for it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .backends.base import Backend, BackendError
+
+__all__ = ["LEASE_SUFFIX", "compute_once"]
+
+logger = logging.getLogger("memoshare")
+
+LEASE_SUFFIX = "~lease"
+
+
+def _lease_token() -> bytes:
+    return f"{os.getpid()}:{time.time():.3f}".encode()
+
+
+def compute_once(
+    backend: Backend,
+    key: str,
+    *,
+    lookup: Callable[[], tuple[bool, Any]],
+    compute: Callable[[], Any],
+    on_error: Callable[[BackendError, str], None],
+    lease_timeout: float,
+    wait_timeout: float,
+) -> tuple[bool, Any]:
+    """Return ``(hit, value)`` for ``key``, computing it in at most one caller at a time.
+
+    Args:
+        backend: the store holding the entry and its lease.
+        key: the entry's key.
+        lookup: reads the entry: ``(found, value)``; it handles store errors itself.
+        compute: computes the value, stores it (or decides not to) and returns it.
+        on_error: called with a store error of the lease operations (it may re-raise);
+            the caller then computes without protection.
+        lease_timeout: seconds after which a lease expires.
+        wait_timeout: the longest this caller waits for another one.
+    """
+    lease = key + LEASE_SUFFIX
+    deadline = time.monotonic() + wait_timeout
+    pause = 0.005
+    while True:
+        try:
+            leased = backend.add(lease, _lease_token(), expire=lease_timeout)
+        except BackendError as exc:
+            on_error(exc, "lease")
+            return False, compute()
+        if leased:
+            try:
+                found, value = lookup()  # stored between our miss and our lease?
+                return (True, value) if found else (False, compute())
+            finally:
+                try:
+                    backend.delete(lease)
+                except BackendError as exc:
+                    on_error(exc, "lease release")
+        while True:  # another caller holds the lease: wait for its entry, or for it to go
+            time.sleep(pause * (0.5 + random.random()))
+            pause = min(pause * 1.5, 0.2)
+            found, value = lookup()
+            if found:
+                return True, value
+            if time.monotonic() >= deadline:
+                logger.info(
+                    "memoshare: waited %.1fs for another worker on %s; computing", wait_timeout, key
+                )
+                return False, compute()
+            try:
+                if backend.get(lease) is None:
+                    break  # the holder gave up (too fast to store, crashed, ...): try again
+            except BackendError as exc:
+                on_error(exc, "lease")
+                return False, compute()

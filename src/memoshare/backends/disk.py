@@ -60,13 +60,20 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "memoshare"
 
 
-def _forget_envs_after_fork() -> None:
-    _inherited.extend(handles[0] for handles in _envs.values())
+def _reopen_envs_after_fork() -> None:
+    # LMDB environments must not be used across fork. py-lmdb refuses to open a path twice in
+    # one process, so the child closes what it inherited (this releases only the child's own
+    # locks and reader slots, never the parent's) and opens the path afresh on first use.
+    for handles in _envs.values():
+        try:
+            handles[0].close()
+        except lmdb.Error:
+            _inherited.append(handles[0])
     _envs.clear()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_envs_after_fork)
+    os.register_at_fork(after_in_child=_reopen_envs_after_fork)
 
 
 def _expire_at(expire: float | None) -> float:

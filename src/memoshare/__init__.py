@@ -25,11 +25,12 @@ from .backends import (
     default_backend,
     make_backend,
 )
+from .counters import CacheStats, StatsSnapshot
 from .keys import function_digest, value_digest
 from .memoize import MemoizedFunction, memcached, memoize
 from .moments import Moments
 from .serialization import CorruptEntry, UnpicklableValue
-from .stats import CacheStats, StatsSnapshot
+from .shared_stats import FunctionStats, flush_stats, stats
 
 __version__ = "0.1.0"
 
@@ -41,6 +42,7 @@ __all__ = [
     "CacheStats",
     "CorruptEntry",
     "DiskBackend",
+    "FunctionStats",
     "MemcachedBackend",
     "MemcachedClientConfig",
     "MemoizedFunction",
@@ -50,10 +52,12 @@ __all__ = [
     "UnpicklableValue",
     "__version__",
     "default_backend",
+    "flush_stats",
     "function_digest",
     "make_backend",
     "memcached",
     "memoize",
+    "stats",
     "value_digest",
 ]
 

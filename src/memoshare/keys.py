@@ -49,6 +49,20 @@ _f64 = struct.Struct("<d").pack
 _NAN = _f64(math.nan)
 
 
+def _name(obj: Any) -> str:
+    """``module.qualname`` of a function or class, the same in every process.
+
+    multiprocessing's "spawn" workers import the main script as ``__mp_main__``: it is the
+    same code as ``__main__``, so it gets the same name (and the same keys).
+    """
+    return f"{_module(obj)}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+
+
+def _module(obj: Any) -> str:
+    module = getattr(obj, "__module__", None) or ""
+    return "__main__" if module == "__mp_main__" else module
+
+
 def check_namespace(namespace: str) -> str:
     """Return ``namespace`` if it can prefix a key in every backend, else raise ``ValueError``."""
     if not isinstance(namespace, str) or not _NAMESPACE_RE.fullmatch(namespace):
@@ -89,11 +103,11 @@ class _Hasher:
         elif isinstance(obj, types.FunctionType | functools.partial | types.MethodType):
             self.tag(b"fn", function_digest(obj))
         elif isinstance(obj, type):
-            self.text(b"cls", f"{obj.__module__}.{obj.__qualname__}")
+            self.text(b"cls", _name(obj))
         elif isinstance(obj, types.ModuleType):
             self.text(b"mod", obj.__name__)
         elif isinstance(obj, types.BuiltinFunctionType):
-            self.text(b"bif", f"{getattr(obj, '__module__', '')}.{obj.__qualname__}")
+            self.text(b"bif", _name(obj))
         elif hasattr(obj, "_memoshare_digest"):
             self.tag(b"memo", obj._memoshare_digest)
         else:
@@ -151,14 +165,14 @@ class _Hasher:
         except Exception as exc:
             raise TypeError(f"{type(obj).__qualname__} object cannot be pickled: {exc}") from exc
         if isinstance(reduced, str):  # a global, pickled by reference
-            self.text(b"global", f"{getattr(obj, '__module__', '')}.{reduced}")
+            self.text(b"global", f"{_module(obj)}.{reduced}")
             return
         if id(obj) in self._stack:
             self.tag(b"cycle", b"")
             return
         self._stack.append(id(obj))
         try:
-            self.text(b"obj", f"{type(obj).__module__}.{type(obj).__qualname__}")
+            self.text(b"obj", _name(type(obj)))
             parts = list(reduced) + [None] * (6 - len(reduced))
             rebuild, args, state, list_items, dict_items = parts[:5]
             self.value(rebuild)
@@ -256,9 +270,9 @@ def _feed_global(hasher: _Hasher, value: Any, module: str, seen: set[int]) -> No
             # A helper of the same module: its code is part of what the function computes.
             _feed_function(hasher, value, seen)
         else:
-            hasher.text(b"gfn", f"{value.__module__}.{value.__qualname__}")
+            hasher.text(b"gfn", _name(value))
     elif isinstance(value, type | types.BuiltinFunctionType):
-        hasher.text(b"gref", f"{getattr(value, '__module__', '')}.{value.__qualname__}")
+        hasher.text(b"gref", _name(value))
     else:
         try:
             sub = _Hasher(hashlib.blake2b(digest_size=16))
@@ -266,12 +280,12 @@ def _feed_global(hasher: _Hasher, value: Any, module: str, seen: set[int]) -> No
             hasher.tag(b"gval", sub.h.digest())
         except (TypeError, RecursionError):
             # Not encodable (a lock, a connection, ...): only its type is part of the key.
-            hasher.text(b"gtype", f"{type(value).__module__}.{type(value).__qualname__}")
+            hasher.text(b"gtype", _name(type(value)))
 
 
 def _feed_function(hasher: _Hasher, fn: types.FunctionType, seen: set[int]) -> None:
     seen.add(id(fn))
-    hasher.text(b"qualname", f"{fn.__module__}.{fn.__qualname__}")
+    hasher.text(b"qualname", _name(fn))
     _feed_code(hasher, fn.__code__)
     hasher.value(fn.__defaults__)
     hasher.value(fn.__kwdefaults__)
@@ -330,7 +344,7 @@ def _feed_callable(hasher: _Hasher, fn: Any, seen: set[int]) -> None:
     elif isinstance(fn, types.FunctionType):
         _feed_function(hasher, fn, seen)
     elif isinstance(fn, types.BuiltinFunctionType | type):
-        hasher.text(b"builtin", f"{getattr(fn, '__module__', '')}.{fn.__qualname__}")
+        hasher.text(b"builtin", _name(fn))
     elif callable(fn):
         hasher.tag(b"callable")
         _feed_callable(hasher, type(fn).__call__, seen)

@@ -17,10 +17,11 @@ import cloudpickle
 from . import serialization, storage
 from .backends import Backend, BackendError, BackendTimeout, make_backend
 from .backends.memcached import MemcachedBackend, MemcachedClientConfig
+from .counters import CacheStats
 from .keys import DEFAULT_NAMESPACE, KeyBuilder, check_namespace, function_digest
 from .moments import Moments
+from .shared_stats import track as track_shared_stats
 from .stampede import compute_once
-from .stats import CacheStats
 
 __all__ = ["MemoizedFunction", "memcached", "memoize"]
 
@@ -63,6 +64,7 @@ class MemoizedFunction(Generic[P, R]):
         stampede: bool | None = None,
         lease_timeout: float = 60.0,
         wait_timeout: float | None = None,
+        shared_stats: bool = True,
         _fn_digest: bytes | None = None,
     ) -> None:
         if not callable(fn):
@@ -119,6 +121,9 @@ class MemoizedFunction(Generic[P, R]):
         self._warned_unpicklable = False
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
         self._fn = fn
+        self.shared_stats = shared_stats
+        if shared_stats:
+            track_shared_stats(self)
 
     def _compute_digest(self, fn: Any, target: Any) -> bytes:
         import hashlib
@@ -345,6 +350,7 @@ class MemoizedFunction(Generic[P, R]):
             stampede=self.stampede,
             lease_timeout=self.lease_timeout,
             wait_timeout=self.wait_timeout,
+            shared_stats=self.shared_stats,
             _fn_digest=self._memoshare_digest,
         )
 
@@ -419,6 +425,9 @@ def memoize(backend: Any = None, **options: Any) -> Any:
             function's running time, or waiters will compute too.
         wait_timeout: the longest a waiter waits before computing itself (default:
             ``lease_timeout``).
+        shared_stats: also add this process's counts to totals kept in the store, readable
+            from any process with :func:`memoshare.stats` or ``memoshare stats`` (default on;
+            flushed every few seconds and at exit, never on the call path).
 
     Returns:
         a :class:`MemoizedFunction` (or a decorator making one).

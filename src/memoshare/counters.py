@@ -1,4 +1,4 @@
-"""Per-function counters: :class:`CacheStats`."""
+"""Per-function counters of one process: :class:`CacheStats` (shared totals: shared_stats)."""
 
 from __future__ import annotations
 

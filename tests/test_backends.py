@@ -167,3 +167,34 @@ def test_make_backend_names_and_errors(tmp_path):
         make_backend("sqlite")
     with pytest.raises(TypeError, match="constructor"):
         make_backend(MemoryBackend(), capacity=3)
+
+
+def test_redis_down_fails_fast_then_retries():
+    from conftest import start_redis
+
+    from memoshare.backends.redis import RedisBackend
+
+    server = start_redis()
+    try:
+        store = RedisBackend(port=server.port, retry_interval=0.5)
+        store.set("k", b"1")
+        server.kill()
+        with pytest.raises(BackendError):
+            store.get("k")
+        with pytest.raises(BackendUnavailable):
+            store.get("k")
+        server.start()
+        time.sleep(0.6)
+        assert store.get("k") is None  # restarted empty (no persistence), and reachable
+        store.set("k", b"2")
+        assert store.get("k") == b"2"
+    finally:
+        server.stop()
+
+
+def test_info_reports_items_and_bytes(any_backend):
+    any_backend.set_many({f"i{n}": bytes(100) for n in range(5)})
+    info = any_backend.info()
+    assert info["items"] >= 5
+    assert info["bytes"] >= 500
+    assert "evictions" in info

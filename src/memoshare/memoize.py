@@ -178,11 +178,11 @@ class MemoizedFunction(Generic[P, R]):
             return False, None
 
     def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, float]:
+        # Counted first: a call whose function raises was a miss too (hits + misses == calls).
+        self.stats.count("misses")
         start = time.perf_counter()
         value = self._target(*args, **kwargs)
-        elapsed = time.perf_counter() - start
-        self.stats.count("misses")
-        return value, elapsed
+        return value, time.perf_counter() - start
 
     def _compute_and_store(self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
         value, elapsed = self._run(args, kwargs)

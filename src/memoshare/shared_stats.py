@@ -83,14 +83,16 @@ class _Flusher:
         self._at_exit_registered = False
 
     def track(self, function: MemoizedFunction[Any, Any]) -> None:
+        entry = _Tracked(function)
+        weakref.finalize(function, self._forget, id(function))
         with self._lock:
-            self._tracked[id(function)] = _Tracked(function)
-            weakref.finalize(function, self._forget, id(function))
+            self._tracked[id(function)] = entry
             self._ensure_running()
 
     def _forget(self, ident: int) -> None:
-        with self._lock:
-            self._tracked.pop(ident, None)
+        # No lock: this runs from the garbage collector, possibly inside a section holding it.
+        # dict.pop is atomic, and flush() iterates over a copy.
+        self._tracked.pop(ident, None)
 
     def _ensure_running(self) -> None:
         if not self._at_exit_registered:
@@ -141,7 +143,7 @@ class _Flusher:
         self._wake = threading.Event()
         self._thread = None
         self._at_exit_registered = False  # multiprocessing clears its finalizers in children
-        for entry in self._tracked.values():
+        for entry in list(self._tracked.values()):
             function = entry.function()
             if function is not None:
                 entry.baseline = function.stats.asdict()

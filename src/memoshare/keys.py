@@ -432,11 +432,20 @@ class KeyBuilder:
     def key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         """The store key of the call ``fn(*args, **kwargs)``."""
         h = self._base.copy()
-        values = self._simple_values(args, kwargs) if self._simple else None
+        n = len(args)
+        if not kwargs and self._simple and self._n_required <= n <= self._n_params:
+            values: tuple[Any, ...] | None = args + self._defaults[n:]  # _simple_values, inlined
+        else:
+            values = self._simple_values(args, kwargs) if self._simple else None
         if values is not None:
+            scalars = _SCALARS
             for tag, value in zip(self._positional_tags, values, strict=True):
                 if tag is not None:
-                    self._feed(h, tag, value)
+                    scalar = scalars.get(type(value))  # _feed's first step, without its call
+                    if scalar is not None:
+                        h.update(tag + scalar(value))
+                    else:
+                        self._feed(h, tag, value)
         else:
             for name, value in self.bind(args, kwargs).items():
                 if name not in self.ignored:
@@ -470,9 +479,16 @@ def _tagged(tag: bytes, data: bytes) -> bytes:
 
 
 # One-update encodings of the commonest argument types; they equal what _Hasher feeds.
+def _int_scalar(x: int) -> bytes:
+    n = x.bit_length() // 8 + 1
+    return b"int" + _u64(n) + x.to_bytes(n, "little", signed=True)
+
+
+_FLOAT_PREFIX = b"float" + _u64(8)  # a float is always 8 bytes: one concatenation per call
+
 _SCALARS: dict[type, Callable[[Any], bytes]] = {
-    int: lambda x: _tagged(b"int", x.to_bytes(x.bit_length() // 8 + 1, "little", signed=True)),
-    float: lambda x: _tagged(b"float", _NAN if x != x else _f64(x)),
+    int: _int_scalar,
+    float: lambda x: _FLOAT_PREFIX + (_NAN if x != x else _f64(x)),
     str: lambda x: _tagged(b"str", x.encode("utf-8", "surrogatepass")),
     bytes: lambda x: _tagged(b"bytes", x),
     bool: lambda x: _tagged(b"bool", b"\x01" if x else b"\x00"),

@@ -120,6 +120,9 @@ class MemoizedFunction(Generic[P, R]):
         self._failing = False
         self._warned_unpicklable = False
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        if "__qualname__" not in self.__dict__:  # a functools.partial or a callable object
+            inner = fn.func if isinstance(fn, functools.partial) else fn
+            self.__qualname__ = getattr(inner, "__qualname__", type(inner).__qualname__)
         self._fn = fn
         self.shared_stats = shared_stats
         if shared_stats:
@@ -264,7 +267,7 @@ class MemoizedFunction(Generic[P, R]):
                 new_payload = self._serialize(updated)
                 if new_payload is None:
                     return None
-                if payload is None:
+                if payload is None and token is None:  # absent (a token: chunks were lost)
                     stored = storage.add_entry(self.backend, key, new_payload)
                 elif current is None:  # unreadable: overwrite, a corrupt record is worthless
                     storage.write_entry(self.backend, key, new_payload)

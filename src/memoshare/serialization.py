@@ -45,6 +45,7 @@ OUT_OF_BAND_MIN_BYTES = 64 * 1024
 _PLAIN = _HEADER.pack(MAGIC, FORMAT_VERSION, 0)
 _NO_BUFFERS = _COUNT.pack(0)
 _FAST_OFFSET = HEADER_SIZE + _COUNT.size + _LENGTH.size
+_FAST_PREFIX = _PLAIN + _NO_BUFFERS
 
 
 class CorruptEntry(ValueError):
@@ -103,8 +104,12 @@ def loads(data: bytes | memoryview) -> Any:
     Out-of-band buffers are copied into ``bytearray`` objects so that arrays come back writable,
     as they were before caching.
     """
-    if data[:4] == _PLAIN and data[4:8] == _NO_BUFFERS:  # the common case, kept short
+    # The common case, kept short (bytes.startswith and, for a small entry, a copy of the
+    # stream are each cheaper than slicing a memoryview: ~0.5 us of a ~15 us memcached hit).
+    if data.startswith(_FAST_PREFIX) if type(data) is bytes else data[:8] == _FAST_PREFIX:
         try:
+            if len(data) < 4096:
+                return pickle.loads(data[_FAST_OFFSET:])
             return pickle.loads(memoryview(data)[_FAST_OFFSET:])
         except Exception as exc:
             raise CorruptEntry(f"cannot unpickle entry: {exc}") from exc

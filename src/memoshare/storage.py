@@ -60,11 +60,26 @@ def _split(key: str, payload: bytes, limit: int) -> dict[str, bytes]:
 def _parse_manifest(data: bytes) -> tuple[bytes, int, int, bytes]:
     if len(data) != HEADER_SIZE + _MANIFEST.size:
         raise CorruptEntry("chunk manifest has the wrong size")
-    return _MANIFEST.unpack_from(data, HEADER_SIZE)
+    nonce, count, total, digest = _MANIFEST.unpack_from(data, HEADER_SIZE)
+    if not 0 < count <= total:
+        raise CorruptEntry(f"chunk manifest names {count} chunks for {total} bytes")
+    return nonce, count, total, digest
+
+
+def _manifest_chunk_keys(key: str, data: bytes) -> list[str] | None:
+    """The chunk keys a manifest names, or ``None`` if it is damaged (the entry is a miss)."""
+    try:
+        nonce, count, _, _ = _parse_manifest(data)
+    except CorruptEntry:
+        return None
+    return _chunk_keys(key, nonce, count)
 
 
 def _is_manifest(data: bytes) -> bool:
     # Anything else (a plain entry, or garbage left for serialization.loads to report).
+    # bytes.startswith saves the slice's copy on every hit.
+    if type(data) is bytes:
+        return data.startswith(_MANIFEST_HEADER)
     return data[:4] == _MANIFEST_HEADER
 
 
@@ -105,8 +120,8 @@ def read_entry(backend: Backend, key: str) -> bytes | None:
     data = backend.get(key)
     if data is None or not _is_manifest(data):
         return data
-    nonce, count, _, _ = _parse_manifest(data)
-    return _join(data, backend.get_many(_chunk_keys(key, nonce, count)), key)
+    chunk_keys = _manifest_chunk_keys(key, data)
+    return None if chunk_keys is None else _join(data, backend.get_many(chunk_keys), key)
 
 
 def read_entries(backend: Backend, keys: Iterable[str]) -> dict[str, bytes]:
@@ -116,9 +131,12 @@ def read_entries(backend: Backend, keys: Iterable[str]) -> dict[str, bytes]:
     if not manifests:
         return found
     wanted = []
-    for key, data in manifests.items():
-        nonce, count, _, _ = _parse_manifest(data)
-        wanted.extend(_chunk_keys(key, nonce, count))
+    for key, data in list(manifests.items()):
+        chunk_keys = _manifest_chunk_keys(key, data)
+        if chunk_keys is None:
+            del manifests[key], found[key]
+        else:
+            wanted.extend(chunk_keys)
     chunks = backend.get_many(wanted)
     for key, data in manifests.items():
         payload = _join(data, chunks, key)
@@ -130,12 +148,18 @@ def read_entries(backend: Backend, keys: Iterable[str]) -> dict[str, bytes]:
 
 
 def read_entry_for_update(backend: Backend, key: str) -> tuple[bytes | None, object]:
-    """Like :func:`read_entry`, plus the CAS token that :func:`replace_entry` needs."""
+    """Like :func:`read_entry`, plus the CAS token that :func:`replace_entry` needs.
+
+    ``(None, token)`` with a token means the key holds a chunked entry that cannot be read
+    (a lost chunk, a damaged manifest): write over it, as adding would fail.
+    """
     data, token = backend.gets(key)
     if data is None or not _is_manifest(data):
         return data, token
-    nonce, count, _, _ = _parse_manifest(data)
-    return _join(data, backend.get_many(_chunk_keys(key, nonce, count)), key), token
+    chunk_keys = _manifest_chunk_keys(key, data)
+    if chunk_keys is None:
+        return None, token
+    return _join(data, backend.get_many(chunk_keys), key), token
 
 
 def _manifest_and_chunks(backend: Backend, key: str, payload: bytes) -> bytes:

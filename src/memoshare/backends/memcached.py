@@ -11,7 +11,12 @@ from typing import Any, TypeVar
 
 from pymemcache.client.base import Client
 from pymemcache.client.hash import HashClient
-from pymemcache.exceptions import MemcacheError
+from pymemcache.exceptions import (
+    MemcacheClientError,
+    MemcacheError,
+    MemcacheServerError,
+    MemcacheUnexpectedCloseError,
+)
 
 from .base import Backend, BackendError, BackendTimeout, CasToken, RetryGate
 
@@ -148,16 +153,27 @@ class MemcachedBackend(Backend):
         return client
 
     def _call(self, op: Callable[[Any], T]) -> T:
-        self._gate.check(f"memcached at {self._where()}")
+        # The hit path: no message formatted, no property called unless needed (~1 us a call).
+        gate = self._gate
+        if gate._closed_until:
+            gate.check(f"memcached at {self._where()}")
+        client = getattr(self._local, "client", None)
         try:
-            result = op(self.client)
+            result = op(self.client if client is None else client)
         except TimeoutError as exc:
             self._failed()
             raise BackendTimeout(f"memcached at {self._where()} timed out: {exc}") from exc
+        except (MemcacheClientError, MemcacheServerError) as exc:
+            if isinstance(exc, MemcacheUnexpectedCloseError):  # the server went away
+                self._failed()
+            # Otherwise the server answered (it refused this item: too large, out of memory,
+            # ...): the store is up, so the retry gate stays open.
+            raise BackendError(f"memcached at {self._where()}: {exc}") from exc
         except (OSError, MemcacheError) as exc:
             self._failed()
             raise BackendError(f"memcached at {self._where()}: {exc}") from exc
-        self._gate.succeeded()
+        if gate._closed_until:
+            gate.succeeded()
         return result
 
     def _failed(self) -> None:

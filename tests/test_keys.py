@@ -1,0 +1,415 @@
+"""Cache keys: equal calls give equal keys (in every process), different ones never share."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+from memoshare import MemoryBackend, memoize, value_digest
+from memoshare.keys import KeyBuilder
+
+
+def memo(fn, **options):
+    return memoize(MemoryBackend(), **options)(fn)
+
+
+def key(fn, *args, **kwargs):
+    """The store key of ``fn(*args, **kwargs)`` under default options."""
+    return memo(fn).cache_key(*args, **kwargs)
+
+
+def compile_fn(source: str, name: str = "f", **globals_):
+    """A fresh function from ``source``, in a module named ``keysample`` (so that two compiles
+    of the same text are the same function as far as keys are concerned)."""
+    namespace = {"__name__": "keysample", **globals_}
+    exec(textwrap.dedent(source), namespace)
+    return namespace[name]
+
+
+def identity(x):
+    return x
+
+
+# -- arguments ---------------------------------------------------------------------------------
+def test_positional_keyword_and_default_share_a_key():
+    def f(x, y=2):
+        return x + y
+
+    m = memo(f)
+    k = m.cache_key(1)
+    assert m.cache_key(x=1) == k
+    assert m.cache_key(1, 2) == k
+    assert m.cache_key(1, y=2) == k
+    assert m.cache_key(y=2, x=1) == k
+    assert m.cache_key(1, 3) != k
+    assert m.cache_key(2) != k
+
+
+def test_keyword_only_and_var_args_share_a_key():
+    def f(x, *args, y=2, **kwargs):
+        return x
+
+    m = memo(f)
+    assert m.cache_key(1) == m.cache_key(x=1) == m.cache_key(1, y=2)
+    assert m.cache_key(1, 5) != m.cache_key(1)
+    assert m.cache_key(1, z=5) != m.cache_key(1)
+    assert m.cache_key(1, z=5, w=6) == m.cache_key(1, w=6, z=5)
+
+
+def test_fast_path_and_bind_path_agree():
+    def f(x, y=2.5, z="s"):
+        return x
+
+    builder = KeyBuilder(f, "ns", [], b"digest")
+    calls = [((1,), {}), ((1, 2.5), {}), ((), {"x": 1}), ((1,), {"z": "s"}), ((-0.0, None), {})]
+    fast = [builder.key(a, k) for a, k in calls]
+    builder._simple = False  # force inspect.Signature.bind for the same calls
+    assert [builder.key(a, k) for a, k in calls] == fast
+    assert fast[0] == fast[1] == fast[2] == fast[3] != fast[4]
+
+
+def test_ignore_args_by_position_or_keyword():
+    def f(x, job_id, *, seed=0):
+        return x
+
+    m = memo(f, ignore_args=["job_id", "seed"])
+    k = m.cache_key(1, 5)
+    assert m.cache_key(1, job_id=6) == k
+    assert m.cache_key(x=1, job_id=7, seed=3) == k
+    assert m.cache_key(2, 5) != k
+    assert memo(f).cache_key(1, 5) != memo(f).cache_key(1, 6)  # control: not ignored
+
+
+def test_ignore_args_unknown_name_fails_at_decoration():
+    def f(x, job_id):
+        return x
+
+    with pytest.raises(ValueError, match="jobid"):
+        memoize(MemoryBackend(), ignore_args=["jobid"])(f)
+
+
+def test_ignore_args_plain_string_is_a_type_error():
+    def f(x, job_id):
+        return x
+
+    with pytest.raises(TypeError, match="list"):
+        memoize(MemoryBackend(), ignore_args="job_id")(f)
+
+
+def test_dicts_and_sets_are_canonical():
+    words = [f"w{i}" for i in range(200)]
+    forward, backward = set(words), set(reversed(words))
+    assert key(identity, forward) == key(identity, backward)
+    assert key(identity, frozenset(words)) == key(identity, frozenset(reversed(words)))
+    d1 = {w: i for i, w in enumerate(words)}
+    d2 = {w: d1[w] for w in reversed(words)}
+    assert list(d1) != list(d2)
+    assert key(identity, d1) == key(identity, d2)
+    nested1 = {"a": {1, 2, 3}, "b": [frozenset({"x", "y"}), {"k": 1, "j": 2}]}
+    nested2 = {"b": [frozenset({"y", "x"}), {"j": 2, "k": 1}], "a": {3, 2, 1}}
+    assert key(identity, nested1) == key(identity, nested2)
+    # ... and still tell different contents and types apart
+    assert key(identity, {"a": 1}) != key(identity, {"a": 2})
+    assert key(identity, {"a": 1}) != key(identity, {"b": 1})
+    assert key(identity, {1, 2}) != key(identity, frozenset({1, 2}))
+    assert key(identity, {1, 2}) != key(identity, {1, 2, 3})
+    assert key(identity, {"a": 1}) != key(identity, [("a", 1)])
+
+
+_CROSS_PROCESS = """
+import numpy as np
+from memoshare import MemoryBackend, memoize, value_digest
+
+def f(x):
+    return x
+
+m = memoize(MemoryBackend())(f)
+words = frozenset(f"item{i}" for i in range(64))
+arr = np.arange(24, dtype=np.float32).reshape(4, 6)
+print(m.cache_key(words), m.cache_key(arr), value_digest(words).hex(), value_digest(arr).hex())
+print(",".join(list(words)[:8]))
+"""
+
+
+def test_keys_equal_across_processes_with_different_hash_seeds():
+    outputs = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        result = subprocess.run(
+            [sys.executable, "-c", _CROSS_PROCESS],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        outputs.append(result.stdout.splitlines())
+    (keys1, order1), (keys2, order2) = outputs
+    assert order1 != order2  # the two processes really iterate the set differently
+    assert keys1 == keys2
+    words = frozenset(f"item{i}" for i in range(64))
+    arr = np.arange(24, dtype=np.float32).reshape(4, 6)
+    assert keys1.split()[2:] == [value_digest(words).hex(), value_digest(arr).hex()]
+
+
+# -- numpy -------------------------------------------------------------------------------------
+def test_numpy_arrays():
+    a = np.arange(12, dtype=np.int64)
+    assert key(identity, a) == key(identity, a.copy())
+    assert key(identity, a) != key(identity, a + 1)
+    zeros = np.zeros(6, dtype=np.int64)
+    assert key(identity, zeros) != key(identity, np.zeros(6, dtype=np.float64))  # same bytes
+    assert key(identity, zeros) != key(identity, zeros.view(np.uint64))
+    assert key(identity, zeros) != key(identity, zeros.reshape(2, 3))
+    assert key(identity, zeros.reshape(2, 3)) != key(identity, zeros.reshape(3, 2))
+    assert key(identity, np.zeros(0)) != key(identity, np.zeros((0, 3)))
+
+
+def test_numpy_non_contiguous_arrays_equal_their_contiguous_copies():
+    a = np.arange(40, dtype=np.float64)
+    strided = a[::2]
+    assert not strided.flags.c_contiguous
+    assert key(identity, strided) == key(identity, np.ascontiguousarray(strided))
+    assert key(identity, a[::-1]) == key(identity, a[::-1].copy())
+    m = a.reshape(5, 8)
+    assert key(identity, m.T) == key(identity, np.ascontiguousarray(m.T))
+    assert key(identity, np.asfortranarray(m)) == key(identity, m)
+    assert key(identity, m.T) != key(identity, m)
+
+
+def test_numpy_object_arrays():
+    a = np.array([1, "a", None, (2, 3)], dtype=object)
+    b = np.array([1, "a", None, (2, 3)], dtype=object)
+    assert key(identity, a) == key(identity, b)
+    assert key(identity, a) != key(identity, np.array([1, "a", None, (2, 4)], dtype=object))
+    sets1 = np.empty(2, dtype=object)
+    sets1[:] = [{"x", "y"}, {"z"}]
+    sets2 = np.empty(2, dtype=object)
+    sets2[:] = [{"y", "x"}, {"z"}]
+    assert key(identity, sets1) == key(identity, sets2)
+
+
+def test_structured_and_scalar_numpy_values():
+    dt = np.dtype([("a", "<i4"), ("b", "<f8")])
+    s = np.zeros(3, dtype=dt)
+    assert key(identity, s) == key(identity, s.copy())
+    assert key(identity, s) != key(identity, np.zeros(3, dtype=[("a", "<i4"), ("c", "<f8")]))
+    assert key(identity, np.float32(1.5)) == key(identity, np.float32(1.5))
+    assert key(identity, np.float32(1.5)) != key(identity, np.float64(1.5))
+
+
+# -- scalars -----------------------------------------------------------------------------------
+def test_float_edge_cases():
+    assert key(identity, -0.0) != key(identity, 0.0)
+    assert key(identity, (-0.0,)) != key(identity, (0.0,))
+    quiet_nan_with_payload = struct.unpack("<d", b"\x01\x00\x00\x00\x00\x00\xf8\x7f")[0]
+    nans = [math.nan, -math.nan, float("nan"), np.nan, math.inf - math.inf, quiet_nan_with_payload]
+    assert len({key(identity, n) for n in nans}) == 1
+    assert len({key(identity, [n]) for n in nans}) == 1
+    assert key(identity, math.nan) != key(identity, math.inf)
+    assert key(identity, complex(math.nan, 1)) == key(identity, complex(-math.nan, 1))
+
+
+def test_types_are_part_of_the_key():
+    assert len({key(identity, v) for v in (1, 1.0, True)}) == 3
+    assert len({key(identity, v) for v in (0, 0.0, False, None, "", b"")}) == 6
+    assert len({key(identity, [v]) for v in (1, 1.0, True)}) == 3
+    assert key(identity, [1, 2]) != key(identity, (1, 2))
+    assert key(identity, "1") != key(identity, 1)
+    assert key(identity, b"ab") != key(identity, bytearray(b"ab"))
+    assert key(identity, ((1, 2), 3)) != key(identity, (1, (2, 3)))  # nesting is encoded
+    assert key(identity, ["ab", "c"]) != key(identity, ["a", "bc"])  # lengths are encoded
+    assert key(identity, 2**70) != key(identity, 2**70 + 1)
+    assert key(identity, -1) != key(identity, 255)
+
+
+# -- the function part -------------------------------------------------------------------------
+def _differ(src1: str, src2: str, *args, **kwargs) -> bool:
+    """Whether two versions of ``f`` give different keys for the same call; also checks that
+    compiling the same text twice gives one key (so a difference is due to the edit)."""
+    same = key(compile_fn(src1), *args, **kwargs) == key(compile_fn(src1), *args, **kwargs)
+    assert same
+    return key(compile_fn(src1), *args, **kwargs) != key(compile_fn(src2), *args, **kwargs)
+
+
+def test_function_edits_change_the_key():
+    base = "def f(x):\n    return x + 1\n"
+    assert _differ(base, "def f(x):\n    return x - 1\n", 3)  # bytecode
+    assert _differ(base, "def f(x):\n    return x + 2\n", 3)  # a constant
+    assert _differ(
+        "def f(x):\n    def g(y):\n        return y + 1\n    return g(x)\n",
+        "def f(x):\n    def g(y):\n        return y + 2\n    return g(x)\n",
+        3,
+    )
+    assert _differ(
+        "def f(x):\n    return (lambda y: y * 2)(x)\n",
+        "def f(x):\n    return (lambda y: y * 3)(x)\n",
+        3,
+    )
+    assert _differ(
+        "def f(x):\n    return [i + 1 for i in range(x)]\n",
+        "def f(x):\n    return [i + 2 for i in range(x)]\n",
+        3,
+    )
+    assert _differ(
+        "def f(x):\n    return {'a': 1.0}\n",
+        "def f(x):\n    return {'a': 1}\n",  # 1.0 == 1, but not the same constant
+        3,
+    )
+    # defaults and keyword-only defaults, with the argument passed explicitly
+    assert _differ("def f(x, y=1):\n    return x\n", "def f(x, y=2):\n    return x\n", 3, 5)
+    assert _differ("def f(x, *, y=1):\n    return x\n", "def f(x, *, y=2):\n    return x\n", 3, y=5)
+    # a global constant, and a helper function of the same module
+    assert key(compile_fn("def f(x):\n    return x + K\n", K=1), 3) != key(
+        compile_fn("def f(x):\n    return x + K\n", K=2), 3
+    )
+    helper1 = "def helper(x):\n    return x + 1\n\ndef f(x):\n    return helper(x)\n"
+    helper2 = "def helper(x):\n    return x + 2\n\ndef f(x):\n    return helper(x)\n"
+    assert _differ(helper1, helper2, 3)
+
+
+def test_closures_never_share():
+    def make(c):
+        def f(x):
+            return x + c
+
+        return f
+
+    assert key(make(1), 3) != key(make(2), 3)
+    assert key(make(1), 3) == key(make(1), 3)
+    assert key(make([1, 2]), 3) != key(make([1, 3]), 3)
+    assert key(make(np.arange(3)), 3) != key(make(np.arange(4)), 3)
+    assert key(make(make(1)), 3) != key(make(make(2)), 3)  # a closed-over function
+
+
+def test_same_bytecode_different_globals(tmp_path, monkeypatch):
+    keys = {}
+    for name, imported in (("sin", "sin"), ("cos", "cos"), ("sin_again", "sin")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "keys_sample_mod.py").write_text(
+            f"from math import {imported} as g\n\n\ndef f(x):\n    return g(x)\n"
+        )
+        monkeypatch.syspath_prepend(str(folder))
+        importlib.invalidate_caches()
+        module = importlib.import_module("keys_sample_mod")
+        assert module.__file__.startswith(str(folder))
+        keys[name] = key(module.f, 0.5)
+        sys.path.remove(str(folder))
+        del sys.modules["keys_sample_mod"]
+    assert keys["sin"] != keys["cos"]  # same module name, qualname and bytecode
+    assert keys["sin"] == keys["sin_again"]
+
+
+def test_partials():
+    def f(a, b, c=0):
+        return a + b + c
+
+    assert key(functools.partial(f, 1), 2) != key(functools.partial(f, 2), 2)
+    assert key(functools.partial(f, 1), 2) == key(functools.partial(f, 1), 2)
+    assert key(functools.partial(f, 1, c=1), 2) != key(functools.partial(f, 1, c=2), 2)
+
+
+class Scale:
+    def __init__(self, factor):
+        self.factor = factor
+
+    def __call__(self, x):
+        return self.factor * x
+
+    def apply(self, x):
+        return self.factor * x
+
+
+class Shift(Scale):
+    def __call__(self, x):
+        return self.factor + x
+
+
+def test_callable_objects():
+    assert key(Scale(2), 3) == key(Scale(2), 3)
+    assert key(Scale(2), 3) != key(Scale(3), 3)
+    assert key(Scale(2), 3) != key(Shift(2), 3)
+    assert memo(Scale(2), ignore_args=["self"]).cache_key(3) == memo(
+        Scale(3), ignore_args=["self"]
+    ).cache_key(3)
+    assert memo(Scale(2))(3) == 6
+
+
+def test_methods_key_self_unless_ignored():
+    assert key(Scale(2).apply, 3) == key(Scale(2).apply, 3)
+    assert key(Scale(2).apply, 3) != key(Scale(5).apply, 3)
+    ignored = [memo(Scale(f).apply, ignore_args=["self"]).cache_key(3) for f in (2, 5)]
+    assert ignored[0] == ignored[1]
+    assert ignored[0] != key(Scale(2).apply, 3)
+
+
+def test_signature_and_version_pin_the_function_part():
+    f1 = compile_fn("def f(x):\n    return x + 1\n")
+    f2 = compile_fn("def f(x):\n    return x * 100\n")
+    assert key(f1, 3) != key(f2, 3)
+    assert memo(f1, version="1").cache_key(3) == memo(f2, version="1").cache_key(3)
+    assert memo(f1, version="1").cache_key(3) != memo(f1, version="2").cache_key(3)
+    assert memo(f1, version="1").cache_key(3) != memo(f1, version="1").cache_key(4)
+    g = compile_fn("def g(x):\n    return x + 1\n", name="g")
+    assert memo(f1, version="1").cache_key(3) != memo(g, version="1").cache_key(3)
+    assert memo(f1, signature=b"sig").cache_key(3) == memo(f2, signature=b"sig").cache_key(3)
+    assert memo(f1, signature=b"sig").cache_key(3) != memo(f1, signature=b"other").cache_key(3)
+    assert memo(f1, signature=b"sig").cache_key(3) != key(f1, 3)
+    with pytest.raises(ValueError, match="not both"):
+        memoize(MemoryBackend(), signature=b"sig", version="1")(f1)
+
+
+def test_namespace_is_the_prefix():
+    assert key(identity, 1).startswith("memoshare:")
+    k1 = memo(identity, namespace="proj-1").cache_key(1)
+    k2 = memo(identity, namespace="proj-2").cache_key(1)
+    assert k1.startswith("proj-1:") and k2.startswith("proj-2:")
+    assert k1 != k2
+    long_ok = memo(identity, namespace="n" * 100).cache_key(1)
+    assert long_ok.startswith("n" * 100 + ":")
+
+
+@pytest.mark.parametrize(
+    "namespace", ["", "has space", "tab\there", "new\nline", "nul\x00", "é", "n" * 101, "\x7f"]
+)
+def test_invalid_namespace_fails_at_decoration(namespace):
+    decorator = memoize(MemoryBackend(), namespace=namespace)
+    with pytest.raises(ValueError, match="namespace"):
+        decorator(identity)
+
+
+@pytest.mark.parametrize(
+    "make_value",
+    [
+        lambda: (i for i in range(3)),
+        threading.Lock,
+        lambda: [1, {"inner": threading.Lock()}],
+    ],
+    ids=["generator", "lock", "nested-lock"],
+)
+def test_unhashable_argument_names_the_argument(make_value):
+    calls = []
+
+    def f(x, data=None, *, flag=False):
+        calls.append(x)
+        return x
+
+    m = memo(f)
+    with pytest.raises(TypeError, match="'data'"):
+        m(1, make_value())
+    with pytest.raises(TypeError, match="'data'"):
+        m.cache_key(1, data=make_value(), flag=True)  # the bind() path
+    assert calls == []
+    m_ignoring = memo(f, ignore_args=["data"])
+    assert m_ignoring(1, make_value()) == 1

@@ -1,0 +1,310 @@
+"""Entries: serialization round trips, damaged bytes, and chunking of large values."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import struct
+import threading
+
+import numpy as np
+import pytest
+
+from memoshare import (
+    CorruptEntry,
+    MemcachedBackend,
+    MemoryBackend,
+    UnpicklableValue,
+    memoize,
+    storage,
+)
+from memoshare.serialization import FLAG_CHUNKED, HEADER_SIZE, dumps, header, loads
+
+
+def n_buffers(entry: bytes) -> int:
+    """How many out-of-band buffers an entry carries (see the format in serialization.py)."""
+    return struct.unpack_from("<I", entry, HEADER_SIZE)[0]
+
+
+# -- round trips -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        True,
+        0,
+        -(2**100),
+        1.5,
+        -0.0,
+        math.inf,
+        complex(1, -2),
+        "",
+        "héllo \udcff",
+        b"\x00\xff",
+        bytearray(b"abc"),
+        (),
+        [1, [2, [3, (4, {5: "five"})]]],
+        {"a": {1, 2}, "b": frozenset({"x"}), ("t", 1): None},
+        range(3, 10, 2),
+    ],
+    ids=repr,
+)
+def test_roundtrip_scalars_and_containers(value):
+    entry = dumps(value)
+    assert entry[:2] == b"ms"
+    back = loads(entry)
+    assert back == value
+    assert type(back) is type(value)
+
+
+def test_roundtrip_special_floats():
+    back = loads(dumps([math.nan, -0.0]))
+    assert math.isnan(back[0])
+    assert math.copysign(1.0, back[1]) == -1.0
+
+
+def test_roundtrip_lambdas_by_value():
+    offset = 3
+    fn = loads(dumps(lambda x: x + offset))
+    assert fn(1) == 4
+
+
+@pytest.mark.parametrize("size", [0, 1, 100, 8191, 8192, 2_000_000])
+def test_roundtrip_numpy_arrays(size):
+    arr = np.random.default_rng(size).standard_normal(size)
+    entry = dumps(arr)
+    assert n_buffers(entry) == (1 if arr.nbytes >= 64 * 1024 else 0)
+    assert len(entry) < arr.nbytes + 1024  # one copy of the data, not two
+    back = loads(entry)
+    assert back.dtype == arr.dtype and back.shape == arr.shape
+    np.testing.assert_array_equal(back, arr)
+    assert back.flags.writeable
+    back[...] = 7  # writable, and independent of the entry
+    np.testing.assert_array_equal(loads(entry), arr)
+
+
+def test_roundtrip_several_arrays_of_all_layouts():
+    rng = np.random.default_rng(1)
+    value = {
+        "big": rng.integers(0, 100, size=(300, 400), dtype=np.int32),
+        "fortran": np.asfortranarray(rng.standard_normal((200, 100))),
+        "strided": np.arange(400_000, dtype=np.float64)[::3],
+        "structured": np.zeros(20_000, dtype=[("a", "<i4"), ("b", "<f8")]),
+        "small": np.arange(5, dtype=np.uint8),
+        "objects": np.array([1, "two", None], dtype=object),
+        "bools": rng.random(100_000) > 0.5,
+        "scalar": np.float32(2.5),
+    }
+    entry = dumps(value)
+    assert n_buffers(entry) >= 3
+    back = loads(entry)
+    assert back.keys() == value.keys()
+    for name, arr in value.items():
+        assert back[name].dtype == arr.dtype, name
+        assert np.shape(back[name]) == np.shape(arr), name
+        np.testing.assert_array_equal(back[name], arr, err_msg=name)
+    for name in ("big", "fortran", "strided", "structured", "small", "bools"):
+        assert back[name].flags.writeable, name
+
+
+def test_loads_from_bytearray_and_memoryview_copies():
+    arr = np.arange(100_000, dtype=np.int64)
+    for small in (False, True):
+        value = arr[:10] if small else arr
+        entry = bytearray(dumps(value))
+        snapshot = bytes(entry)
+        back = loads(entry)
+        back[...] = -1
+        assert bytes(entry) == snapshot  # the returned array does not alias the entry
+        np.testing.assert_array_equal(loads(memoryview(entry)), value)
+
+
+# -- damaged and foreign bytes -----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"m",
+        b"ms",
+        b"ms\x01",
+        b"garbage that is not an entry",
+        pickle.dumps({"a": 1}),  # a pickle without our header
+        b"ms\x02\x00" + dumps(1)[4:],  # a future format version
+        b"xx" + dumps(1)[2:],
+        header(FLAG_CHUNKED) + bytes(44),  # a chunk manifest is not a value
+    ],
+)
+def test_foreign_bytes_are_corrupt(data):
+    with pytest.raises(CorruptEntry):
+        loads(data)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [{"a": [1, 2, 3], "b": "x" * 100}, np.arange(50_000, dtype=np.float64), ["s", np.ones(9000)]],
+    ids=["small", "out-of-band", "mixed"],
+)
+def test_truncated_entries_are_corrupt(value):
+    entry = dumps(value)
+    cuts = sorted(
+        {*range(0, 40), *range(40, len(entry), max(1, len(entry) // 200)), len(entry) - 1}
+    )
+    for cut in cuts:
+        with pytest.raises(CorruptEntry):
+            loads(entry[:cut])
+
+
+def test_wrong_lengths_are_corrupt():
+    entry = bytearray(dumps([np.arange(20_000.0), np.arange(10_000.0)]))
+    assert n_buffers(entry) == 2
+    with pytest.raises(CorruptEntry):
+        loads(bytes(entry) + b"extra")
+    for offset in range(HEADER_SIZE, HEADER_SIZE + 4 + 3 * 8, 4):  # count and length fields
+        damaged = bytearray(entry)
+        damaged[offset] ^= 0x55
+        with pytest.raises(CorruptEntry):
+            loads(damaged)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        threading.Lock(),
+        (i for i in range(3)),
+        {"deep": [1, (2, threading.RLock())]},
+    ],
+    ids=["lock", "generator", "nested"],
+)
+def test_unpicklable_values(value):
+    with pytest.raises(UnpicklableValue) as info:
+        dumps(value)
+    assert isinstance(info.value, TypeError)
+
+
+# -- chunking ----------------------------------------------------------------------------------
+class SmallItems(MemoryBackend):
+    """An in-process store with memcached-like item limits."""
+
+    max_item_size = 1024
+
+
+def payload_of(size: int, seed: int = 0) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+
+
+def chunk_keys(backend, key: str) -> list[str]:
+    nonce, count, _, _ = storage._parse_manifest(backend.get(key))
+    return storage._chunk_keys(key, nonce, count)
+
+
+def test_small_values_are_not_chunked():
+    store = SmallItems()
+    storage.write_entry(store, "k", payload_of(1024))
+    assert store.keys() == ["k"]
+    assert storage.read_entry(store, "k") == payload_of(1024)
+
+
+@pytest.mark.parametrize("size", [1025, 2048, 10_000, 100_001])
+def test_large_values_are_chunked_and_reassembled(size):
+    store = SmallItems()
+    payload = payload_of(size)
+    storage.write_entry(store, "k", payload)
+    chunks = chunk_keys(store, "k")
+    assert len(chunks) == math.ceil(size / 1024)
+    stored_keys = store.keys()
+    assert sorted(stored_keys) == sorted(["k", *chunks])
+    assert all(len(store.get(k)) <= 1024 for k in stored_keys)
+    assert storage.read_entry(store, "k") == payload
+    # a new value under the same key replaces the old one
+    storage.write_entry(store, "k", payload_of(size, seed=1))
+    assert storage.read_entry(store, "k") == payload_of(size, seed=1)
+
+
+def test_missing_or_damaged_chunk_is_a_miss():
+    payload = payload_of(5000)
+    damages = {
+        "deleted": lambda store, k: store.delete(k),
+        "flipped": lambda store, k: store.set(k, bytes([store.get(k)[0] ^ 1]) + store.get(k)[1:]),
+        "truncated": lambda store, k: store.set(k, store.get(k)[:-1]),
+        "emptied": lambda store, k: store.set(k, b""),
+    }
+    for name, damage in damages.items():
+        for index in (0, 2, 4):
+            store = SmallItems()
+            storage.write_entry(store, "k", payload)
+            damage(store, chunk_keys(store, "k")[index])
+            assert storage.read_entry(store, "k") is None, (name, index)
+            assert storage.read_entries(store, ["k"]) == {}, (name, index)
+    store = SmallItems()
+    storage.write_entry(store, "k", payload)
+    first, second = chunk_keys(store, "k")[:2]
+    a, b = store.get(first), store.get(second)
+    store.set(first, b)
+    store.set(second, a)  # swapped chunks
+    assert storage.read_entry(store, "k") is None
+
+
+def test_damaged_manifest_is_a_miss():
+    store = SmallItems()
+    storage.write_entry(store, "k", payload_of(5000))
+    storage.write_entry(store, "plain", b"small")
+    store.set("k", store.get("k")[:-3])
+    assert storage.read_entry(store, "k") is None
+    assert storage.read_entries(store, ["k", "plain"]) == {"plain": b"small"}
+
+
+def test_read_entries_mixes_chunked_and_plain():
+    store = SmallItems()
+    entries = {f"big{i}": payload_of(3000 + i, seed=i) for i in range(3)}
+    entries.update({f"small{i}": payload_of(10 + i, seed=i) for i in range(3)})
+    storage.write_entries(store, entries)
+    store.delete(chunk_keys(store, "big1")[1])  # big1 lost a chunk
+    found = storage.read_entries(store, [*entries, "absent"])
+    expected = {k: v for k, v in entries.items() if k != "big1"}
+    assert found == expected
+
+
+def test_add_and_replace_chunked_entries():
+    store = SmallItems()
+    assert storage.add_entry(store, "k", payload_of(4000)) is True
+    assert storage.add_entry(store, "k", payload_of(4000, seed=1)) is False
+    data, token = storage.read_entry_for_update(store, "k")
+    assert data == payload_of(4000)
+    assert storage.replace_entry(store, "k", payload_of(6000, seed=2), token) is True
+    assert storage.read_entry(store, "k") == payload_of(6000, seed=2)
+    assert storage.replace_entry(store, "k", payload_of(10), token) is False  # stale token
+    assert storage.read_entry(store, "k") == payload_of(6000, seed=2)
+
+
+def test_chunking_on_memcached(memcached_server, memcached_backend):
+    store = MemcachedBackend(memcached_server.address, max_item_size=4096)
+    payload = payload_of(50_000)
+    storage.write_entry(store, "k", payload)
+    storage.write_entry(store, "plain", b"p")
+    chunks = chunk_keys(store, "k")
+    assert len(chunks) == math.ceil(50_000 / 4096)
+    assert storage.read_entry(store, "k") == payload
+    assert storage.read_entries(store, ["k", "plain", "absent"]) == {"k": payload, "plain": b"p"}
+    store.delete(chunks[-1])
+    assert storage.read_entry(store, "k") is None
+    assert storage.read_entries(store, ["k", "plain"]) == {"plain": b"p"}
+
+
+def test_twenty_megabyte_array_through_memcached(memcached_backend):
+    calls = []
+
+    @memoize(memcached_backend)
+    def big(seed):
+        calls.append(seed)
+        return np.random.default_rng(seed).standard_normal(20 * 2**20 // 8)
+
+    first = big(7)
+    second = big(7)
+    assert calls == [7]
+    assert big.stats.hits == 1 and big.stats.misses == 1 and big.stats.sets == 1
+    assert second.nbytes == 20 * 2**20
+    np.testing.assert_array_equal(first, second)
+    assert second.flags.writeable
+    manifest = memcached_backend.get(big.cache_key(7))
+    assert len(manifest) < 100  # the entry itself is a manifest; the data is in chunks
+    assert len(chunk_keys(memcached_backend, big.cache_key(7))) >= 20

@@ -151,7 +151,7 @@ def _hold_lease_and_die(fn) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_expired_lease_of_a_crashed_worker_lets_others_compute(memcached_backend):
-    @memoize(memcached_backend, lease_timeout=1.0, wait_timeout=10.0, shared_stats=False)
+    @memoize(memcached_backend, lease_timeout=2.0, wait_timeout=30.0, shared_stats=False)
     def stuck(x):
         if os.environ.get("MEMOSHARE_TEST_STUCK") == "1":
             time.sleep(60)
@@ -171,8 +171,9 @@ def test_expired_lease_of_a_crashed_worker_lets_others_compute(memcached_backend
         os.environ.pop("MEMOSHARE_TEST_STUCK")
     start = time.monotonic()
     assert stuck(5) == 50  # waits for the dead worker's lease to expire, then computes
-    waited = time.monotonic() - start
-    assert 0.3 < waited < 5.0
+    # memcached expires at whole-second ticks: the lease is gone 1 to 2 s after it was taken,
+    # long before the 30 s wait_timeout would have let this caller compute anyway.
+    assert time.monotonic() - start < 5.0
     assert stuck.stats.misses == 1
 
 

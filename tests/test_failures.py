@@ -141,6 +141,10 @@ def test_oversized_write_is_an_error_not_a_silent_drop(own_memcached, caplog):
     assert big.stats.hits == 0
     assert big(10).sum() == 30 and big(10).sum() == 30  # small values are still cached
     assert big.stats.hits == 1
+    # a refusal is not an outage: no reconnect is counted, one warning names the refusal
+    assert big.stats.reconnects == 0
+    refusals = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == 1
 
 
 _WRITER = """

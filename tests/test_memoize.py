@@ -577,3 +577,40 @@ def test_stored_format_is_a_plain_entry(memory_backend):
 
     f(1)
     assert memory_backend.get(f.cache_key(1)) == dumps({"x": 1})
+
+
+def test_bound_method_helpers_pass_the_instance(memory_backend):
+    class Scaler:
+        def __init__(self, k):
+            self.k = k
+
+        @memoize(memory_backend)
+        def scale(self, x):
+            return self.k * x
+
+    a, b = Scaler(2), Scaler(3)
+    assert a.scale(5) == 10 and b.scale(5) == 15
+    assert a.scale.cache_key(5) == Scaler.scale.cache_key(a, 5)
+    assert a.scale.cache_key(5) != b.scale.cache_key(5)
+    assert a.scale.invalidate(5) is True
+    assert a.scale.invalidate(5) is False
+    assert a.scale.stats is Scaler.scale.stats  # one function, shared counters
+    assert a.scale(5) == 10 and Scaler.scale.stats.misses == 3
+
+
+def test_invalidate_removes_the_chunks_too(memcached_backend):
+    small_items = MemcachedBackend(memcached_backend.servers, max_item_size=1024)
+
+    @memoize(small_items)
+    def blob(n):
+        return bytes(range(256)) * n
+
+    blob(40)  # ~10 KB: about ten chunks
+    key = blob.cache_key(40)
+    prefix_count = len(storage.read_entry(small_items, key))
+    assert prefix_count > 10 * 1024 - 1
+    manifest = small_items.get(key)
+    assert blob.invalidate(40) is True
+    assert small_items.get(key) is None
+    nonce_hex = manifest[4:20].hex()
+    assert small_items.get_many([f"{key}~{nonce_hex}~{i}" for i in range(12)]) == {}

@@ -15,7 +15,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 import cloudpickle
 
 from . import serialization, storage
-from .backends import Backend, BackendError, BackendTimeout, make_backend
+from .backends import Backend, BackendError, BackendRefused, BackendTimeout, make_backend
 from .backends.memcached import MemcachedBackend, MemcachedClientConfig
 from .counters import CacheStats
 from .keys import DEFAULT_NAMESPACE, KeyBuilder, check_namespace, function_digest
@@ -119,6 +119,7 @@ class MemoizedFunction(Generic[P, R]):
         self.stats = CacheStats()
         self._failing = False
         self._warned_unpicklable = False
+        self._warned_refused = False
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
         if "__qualname__" not in self.__dict__:  # a functools.partial or a callable object
             inner = fn.func if isinstance(fn, functools.partial) else fn
@@ -295,6 +296,17 @@ class MemoizedFunction(Generic[P, R]):
         self.stats.count("timeouts" if isinstance(exc, BackendTimeout) else "errors")
         if self.strict:
             raise exc
+        if isinstance(exc, BackendRefused):  # the store is up: no outage, just this value
+            if not self._warned_refused:
+                self._warned_refused = True
+                logger.warning(
+                    "memoshare: %s: the store refused to %s an entry (%s); such "
+                    "results stay uncached",
+                    self.__qualname__,
+                    what,
+                    exc,
+                )
+            return
         if not self._failing:
             self._failing = True
             logger.warning(
@@ -308,7 +320,7 @@ class MemoizedFunction(Generic[P, R]):
     def _backend_back(self) -> None:
         self._failing = False
         self.stats.count("reconnects")
-        logger.warning("memoshare: %s reaches its cache again", self.__qualname__)
+        logger.info("memoshare: %s reaches its cache again", self.__qualname__)
 
     # -- helpers -------------------------------------------------------------------------------
     def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str:
@@ -319,13 +331,13 @@ class MemoizedFunction(Generic[P, R]):
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
         """Remove the entry of the call ``self(*args, **kwargs)``; return whether it existed."""
-        return self.backend.delete(self.cache_key(*args, **kwargs))
+        return storage.delete_entry(self.backend, self.cache_key(*args, **kwargs))
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         # Decorating a method in a class body: bind like a function does.
         if instance is None:
             return self
-        return types.MethodType(self, instance)
+        return BoundMemoizedFunction(self, instance)
 
     def __repr__(self) -> str:
         return f"<memoized {self.__qualname__} on {self.backend!r}>"
@@ -356,6 +368,51 @@ class MemoizedFunction(Generic[P, R]):
             shared_stats=self.shared_stats,
             _fn_digest=self._memoshare_digest,
         )
+
+
+class BoundMemoizedFunction:
+    """A :class:`MemoizedFunction` defined in a class body, bound to one instance.
+
+    Calls, :meth:`cache_key` and :meth:`invalidate` pass the instance as ``self``; every other
+    attribute (``stats``, ``backend``, ...) is the underlying function's, shared by all
+    instances.
+    """
+
+    __slots__ = ("__func__", "__self__")
+
+    def __init__(self, function: MemoizedFunction[..., Any], instance: Any) -> None:
+        self.__func__ = function
+        self.__self__ = instance
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def cache_key(self, *args: Any, **kwargs: Any) -> str:
+        """The store key of this call (see :meth:`MemoizedFunction.cache_key`)."""
+        return self.__func__.cache_key(self.__self__, *args, **kwargs)
+
+    def invalidate(self, *args: Any, **kwargs: Any) -> bool:
+        """Remove this call's entry (see :meth:`MemoizedFunction.invalidate`)."""
+        return self.__func__.invalidate(self.__self__, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__func__, name)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, BoundMemoizedFunction)
+            and other.__func__ is self.__func__
+            and other.__self__ is self.__self__
+        )
+
+    def __hash__(self) -> int:
+        return hash((id(self.__func__), id(self.__self__)))
+
+    def __reduce__(self) -> Any:
+        return getattr, (self.__self__, self.__func__.__name__)
+
+    def __repr__(self) -> str:
+        return f"<bound memoized {self.__func__.__qualname__} of {self.__self__!r}>"
 
 
 class _NoSelf:

@@ -21,6 +21,7 @@ from .serialization import FLAG_CHUNKED, HEADER_SIZE, CorruptEntry, header
 __all__ = [
     "MAX_ENTRY_KEY_LENGTH",
     "add_entry",
+    "delete_entry",
     "read_entries",
     "read_entry",
     "read_entry_for_update",
@@ -145,6 +146,18 @@ def read_entries(backend: Backend, keys: Iterable[str]) -> dict[str, bytes]:
         else:
             found[key] = payload
     return found
+
+
+def delete_entry(backend: Backend, key: str) -> bool:
+    """Remove the entry under ``key``, with its chunks; return whether it existed."""
+    data = backend.get(key)
+    if data is None:
+        return False
+    chunk_keys = _manifest_chunk_keys(key, data) if _is_manifest(data) else None
+    existed = backend.delete(key)
+    if chunk_keys:
+        backend.delete_many(chunk_keys)
+    return existed
 
 
 def read_entry_for_update(backend: Backend, key: str) -> tuple[bytes | None, object]:

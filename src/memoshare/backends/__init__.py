@@ -19,6 +19,7 @@ from .base import (
     MAX_KEY_LENGTH,
     Backend,
     BackendError,
+    BackendRefused,
     BackendTimeout,
     BackendUnavailable,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "MAX_KEY_LENGTH",
     "Backend",
     "BackendError",
+    "BackendRefused",
     "BackendTimeout",
     "BackendUnavailable",
     "DiskBackend",

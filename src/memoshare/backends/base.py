@@ -23,6 +23,7 @@ __all__ = [
     "MAX_KEY_LENGTH",
     "Backend",
     "BackendError",
+    "BackendRefused",
     "BackendTimeout",
     "BackendUnavailable",
     "CasToken",
@@ -43,6 +44,10 @@ class BackendError(Exception):
 
 class BackendTimeout(BackendError):
     """The store did not answer in time."""
+
+
+class BackendRefused(BackendError):
+    """The store is up but refused this operation (value too large, out of memory, ...)."""
 
 
 class BackendUnavailable(BackendError):

@@ -18,7 +18,7 @@ from pymemcache.exceptions import (
     MemcacheUnexpectedCloseError,
 )
 
-from .base import Backend, BackendError, BackendTimeout, CasToken, RetryGate
+from .base import Backend, BackendError, BackendRefused, BackendTimeout, CasToken, RetryGate
 
 __all__ = ["MemcachedBackend", "MemcachedClientConfig", "Server"]
 
@@ -166,9 +166,10 @@ class MemcachedBackend(Backend):
         except (MemcacheClientError, MemcacheServerError) as exc:
             if isinstance(exc, MemcacheUnexpectedCloseError):  # the server went away
                 self._failed()
+                raise BackendError(f"memcached at {self._where()}: {exc}") from exc
             # Otherwise the server answered (it refused this item: too large, out of memory,
             # ...): the store is up, so the retry gate stays open.
-            raise BackendError(f"memcached at {self._where()}: {exc}") from exc
+            raise BackendRefused(f"memcached at {self._where()}: {exc}") from exc
         except (OSError, MemcacheError) as exc:
             self._failed()
             raise BackendError(f"memcached at {self._where()}: {exc}") from exc
@@ -203,7 +204,7 @@ class MemcachedBackend(Backend):
 
     def set(self, key: str, value: bytes, expire: float | None = None) -> None:
         if not self._call(lambda c: c.set(key, value, expire=self._exptime(expire), noreply=False)):
-            raise BackendError(f"memcached refused to store {key!r} ({len(value)} bytes)")
+            raise BackendRefused(f"memcached refused to store {key!r} ({len(value)} bytes)")
 
     def set_many(self, items: Mapping[str, bytes], expire: float | None = None) -> None:
         if not items:
@@ -212,7 +213,7 @@ class MemcachedBackend(Backend):
             lambda c: c.set_many(dict(items), expire=self._exptime(expire), noreply=False)
         )
         if failed:
-            raise BackendError(f"memcached refused to store {len(failed)} of {len(items)} items")
+            raise BackendRefused(f"memcached refused to store {len(failed)} of {len(items)} items")
 
     def add(self, key: str, value: bytes, expire: float | None = None) -> bool:
         return bool(

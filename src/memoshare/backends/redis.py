@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
-from .base import Backend, BackendError, BackendTimeout, CasToken, RetryGate
+from .base import Backend, BackendError, BackendRefused, BackendTimeout, CasToken, RetryGate
 
 try:
     import redis
@@ -100,6 +100,8 @@ class RedisBackend(Backend):
         except redis.exceptions.TimeoutError as exc:
             self._gate.failed()
             raise BackendTimeout(f"Redis at {self._where()} timed out: {exc}") from exc
+        except redis.exceptions.ResponseError as exc:  # the server answered: it is up
+            raise BackendRefused(f"Redis at {self._where()} refused: {exc}") from exc
         except (redis.exceptions.RedisError, OSError) as exc:
             self._gate.failed()
             raise BackendError(f"Redis at {self._where()}: {exc}") from exc
@@ -122,7 +124,7 @@ class RedisBackend(Backend):
 
     def set(self, key: str, value: bytes, expire: float | None = None) -> None:
         if not self._call(lambda c: c.set(key, value, px=self._px(expire))):
-            raise BackendError(f"Redis refused to store {key!r} ({len(value)} bytes)")
+            raise BackendRefused(f"Redis refused to store {key!r} ({len(value)} bytes)")
 
     def set_many(self, items: Mapping[str, bytes], expire: float | None = None) -> None:
         if not items:
@@ -137,7 +139,7 @@ class RedisBackend(Backend):
         results = self._call(pipelined)
         refused = sum(1 for r in results if not r)
         if refused:
-            raise BackendError(f"Redis refused to store {refused} of {len(items)} items")
+            raise BackendRefused(f"Redis refused to store {refused} of {len(items)} items")
 
     def add(self, key: str, value: bytes, expire: float | None = None) -> bool:
         return bool(self._call(lambda c: c.set(key, value, px=self._px(expire), nx=True)))

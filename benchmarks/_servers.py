@@ -42,7 +42,7 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 1
 
 
 @contextlib.contextmanager
-def memcached_server(memory_mb: int = 256, threads: int = 2) -> Iterator[tuple[str, int]]:
+def memcached_server(memory_mb: int = 256, threads: int = 1) -> Iterator[tuple[str, int]]:
     """Run ``memcached`` on a free loopback port for the duration of the block."""
     binary = shutil.which("memcached") or "/usr/bin/memcached"
     if not os.path.exists(binary):

@@ -16,6 +16,7 @@ memcached or Redis, every machine) that makes the same call::
 from .backends import (
     Backend,
     BackendError,
+    BackendRefused,
     BackendTimeout,
     BackendUnavailable,
     DiskBackend,
@@ -26,6 +27,7 @@ from .backends import (
     make_backend,
 )
 from .counters import CacheStats, StatsSnapshot
+from .datasets import CachedDataset, CacheLoader
 from .keys import function_digest, value_digest
 from .memoize import MemoizedFunction, memcached, memoize
 from .moments import Moments
@@ -37,9 +39,12 @@ __version__ = "0.1.0"
 __all__ = [
     "Backend",
     "BackendError",
+    "BackendRefused",
     "BackendTimeout",
     "BackendUnavailable",
+    "CacheLoader",
     "CacheStats",
+    "CachedDataset",
     "CorruptEntry",
     "DiskBackend",
     "FunctionStats",

@@ -134,7 +134,9 @@ class _Flusher:
                 if increase > 0:
                     backend.incr(_counter_key(namespace, fn_id, field), increase)
                     entry.baseline[field] += increase
-        except BackendError as exc:  # kept for the next flush
+        except Exception as exc:  # noqa: BLE001 - counts are kept for the next flush
+            # Whatever the store or its client raise (redis-py closing its socket at exit
+            # raises ValueError), statistics must never break the program or the flusher.
             logger.debug("memoshare: shared stats of %s not flushed: %s", function, exc)
 
     def after_fork_in_child(self) -> None:

@@ -76,7 +76,8 @@ def _manifest_chunk_keys(key: str, data: bytes) -> list[str] | None:
     return _chunk_keys(key, nonce, count)
 
 
-def _is_manifest(data: bytes) -> bool:
+def is_manifest(data: bytes) -> bool:
+    """Whether ``data`` is a chunk manifest rather than a plain entry."""
     # Anything else (a plain entry, or garbage left for serialization.loads to report).
     # bytes.startswith saves the slice's copy on every hit.
     if type(data) is bytes:
@@ -119,7 +120,7 @@ def write_entries(backend: Backend, entries: Mapping[str, bytes]) -> None:
 def read_entry(backend: Backend, key: str) -> bytes | None:
     """The payload stored under ``key``, or ``None`` (absent, or a chunk is missing/corrupt)."""
     data = backend.get(key)
-    if data is None or not _is_manifest(data):
+    if data is None or not is_manifest(data):
         return data
     chunk_keys = _manifest_chunk_keys(key, data)
     return None if chunk_keys is None else _join(data, backend.get_many(chunk_keys), key)
@@ -128,7 +129,7 @@ def read_entry(backend: Backend, key: str) -> bytes | None:
 def read_entries(backend: Backend, keys: Iterable[str]) -> dict[str, bytes]:
     """The payloads found among ``keys``: one ``get_many``, plus one more if any is chunked."""
     found = backend.get_many(keys)
-    manifests = {k: v for k, v in found.items() if _is_manifest(v)}
+    manifests = {k: v for k, v in found.items() if is_manifest(v)}
     if not manifests:
         return found
     wanted = []
@@ -153,7 +154,7 @@ def delete_entry(backend: Backend, key: str) -> bool:
     data = backend.get(key)
     if data is None:
         return False
-    chunk_keys = _manifest_chunk_keys(key, data) if _is_manifest(data) else None
+    chunk_keys = _manifest_chunk_keys(key, data) if is_manifest(data) else None
     existed = backend.delete(key)
     if chunk_keys:
         backend.delete_many(chunk_keys)
@@ -167,7 +168,7 @@ def read_entry_for_update(backend: Backend, key: str) -> tuple[bytes | None, obj
     (a lost chunk, a damaged manifest): write over it, as adding would fail.
     """
     data, token = backend.gets(key)
-    if data is None or not _is_manifest(data):
+    if data is None or not is_manifest(data):
         return data, token
     chunk_keys = _manifest_chunk_keys(key, data)
     if chunk_keys is None:

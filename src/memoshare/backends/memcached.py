@@ -160,22 +160,31 @@ class MemcachedBackend(Backend):
         client = getattr(self._local, "client", None)
         try:
             result = op(self.client if client is None else client)
-        except TimeoutError as exc:
-            self._failed()
-            raise BackendTimeout(f"memcached at {self._where()} timed out: {exc}") from exc
-        except (MemcacheClientError, MemcacheServerError) as exc:
-            if isinstance(exc, MemcacheUnexpectedCloseError):  # the server went away
-                self._failed()
-                raise BackendError(f"memcached at {self._where()}: {exc}") from exc
-            # Otherwise the server answered (it refused this item: too large, out of memory,
-            # ...): the store is up, so the retry gate stays open.
-            raise BackendRefused(f"memcached at {self._where()}: {exc}") from exc
-        except (OSError, MemcacheError) as exc:
-            self._failed()
-            raise BackendError(f"memcached at {self._where()}: {exc}") from exc
+        except Exception as exc:
+            error = self._translate(exc)
+            if error is exc:
+                raise
+            raise error from exc
         if gate._closed_until:
             gate.succeeded()
         return result
+
+    def _translate(self, exc: Exception) -> Exception:
+        """The memoshare error for what pymemcache raised (or ``exc`` itself if it is a bug)."""
+        if isinstance(exc, TimeoutError):
+            self._failed()
+            return BackendTimeout(f"memcached at {self._where()} timed out: {exc}")
+        if isinstance(exc, MemcacheClientError | MemcacheServerError):
+            if isinstance(exc, MemcacheUnexpectedCloseError):  # the server went away
+                self._failed()
+                return BackendError(f"memcached at {self._where()}: {exc}")
+            # Otherwise the server answered (it refused this item: too large, out of memory,
+            # ...): the store is up, so the retry gate stays open.
+            return BackendRefused(f"memcached at {self._where()}: {exc}")
+        if isinstance(exc, OSError | MemcacheError):
+            self._failed()
+            return BackendError(f"memcached at {self._where()}: {exc}")
+        return exc
 
     def _failed(self) -> None:
         self._gate.failed()
@@ -194,7 +203,17 @@ class MemcachedBackend(Backend):
         return max(1, math.ceil(expire)) if expire else 0
 
     def get(self, key: str) -> bytes | None:
-        return self._call(lambda c: c.get(key))
+        # _call's body, inlined for the hit path (no closure, no extra frame).
+        if self._gate._closed_until:
+            return self._call(lambda c: c.get(key))
+        client = getattr(self._local, "client", None) or self.client
+        try:
+            return client.get(key)
+        except Exception as exc:
+            error = self._translate(exc)
+            if error is exc:
+                raise
+            raise error from exc
 
     def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
         keys = list(keys)

@@ -1,0 +1,110 @@
+"""What a cache keeps count of: the health of its store, the bytes it wrote, the indices it saw."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from ..backends import BackendError, BackendRefused, BackendTimeout
+from ..counters import CacheStats
+
+logger = logging.getLogger("memoshare")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover - loop always returns
+
+
+def _count(stats: CacheStats, name: str, n: int) -> None:
+    for _ in range(n):
+        stats.count(name)
+
+
+# -- health of the store ---------------------------------------------------------------------------
+class _Health:
+    """Counts store failures and warns once per outage, as the decorator does."""
+
+    def __init__(self, name: str, stats: CacheStats, strict: bool) -> None:
+        self.name = name
+        self.stats = stats
+        self.strict = strict
+        self.failing = False
+        self.warned_refused = False
+
+    def failed(self, exc: BackendError, what: str) -> None:
+        self.stats.count("timeouts" if isinstance(exc, BackendTimeout) else "errors")
+        if self.strict:
+            raise exc
+        if isinstance(exc, BackendRefused):  # the store is up: no outage, just these values
+            if not self.warned_refused:
+                self.warned_refused = True
+                logger.warning(
+                    "memoshare: %s: the store refused to %s samples (%s)", self.name, what, exc
+                )
+            return
+        if not self.failing:
+            self.failing = True
+            logger.warning(
+                "memoshare: %s cannot %s its cache (%s); samples go on uncached until the "
+                "store answers again",
+                self.name,
+                what,
+                exc,
+            )
+
+    def ok(self) -> None:
+        if self.failing:
+            self.failing = False
+            self.stats.count("reconnects")
+            logger.warning("memoshare: %s reaches its cache again", self.name)
+
+
+class _Sizes:
+    """Samples and bytes this process wrote, with a log line every ``log_every`` samples."""
+
+    def __init__(self, name: str, log_every: int | None) -> None:
+        self.name = name
+        self.log_every = log_every
+        self.reset()
+
+    def reset(self) -> None:
+        self.samples = 0
+        self.bytes = 0
+        self.dropped = 0
+        self._lock = threading.Lock()
+
+    def add(self, samples: int, nbytes: int) -> None:
+        with self._lock:
+            before = self.samples
+            self.samples += samples
+            self.bytes += nbytes
+            after, total = self.samples, self.bytes
+        every = self.log_every
+        if every and after // every > before // every:
+            logger.info(
+                "memoshare: %s: %d samples cached (%s) by this process",
+                self.name,
+                after,
+                _human(total),
+            )
+
+    @property
+    def mean(self) -> float:
+        return self.bytes / self.samples if self.samples else 0.0
+
+
+class _Known:
+    """One bit per index: the samples this process saw in the store (to notice evictions)."""
+
+    def __init__(self, length: int) -> None:
+        self.bits = bytearray((length + 7) // 8)
+
+    def add(self, index: int) -> None:
+        self.bits[index >> 3] |= 1 << (index & 7)
+
+    def __contains__(self, index: int) -> bool:
+        return bool(self.bits[index >> 3] & (1 << (index & 7)))

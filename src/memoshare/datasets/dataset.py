@@ -1,0 +1,439 @@
+"""CachedDataset: a map-style dataset whose samples are computed once and served from a store."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+from ..backends import Backend
+from ..counters import CacheStats
+from ..keys import DEFAULT_NAMESPACE
+from .bookkeeping import _Known
+from .buffer import RETRY_PAUSES
+from .cache import _MISSING, SCAN_BATCH, _refuse_server_options, _SampleCache
+from .preload import Preload, _order
+
+
+class IncompleteCacheError(LookupError):
+    """A cache opened without its dataset lacks samples (never stored, or evicted since)."""
+
+
+# -- CachedDataset ---------------------------------------------------------------------------------
+def _check_map_style(dataset: Any) -> int:
+    cls = type(dataset)
+    if any(
+        c.__name__ == "IterableDataset" and c.__module__.startswith("torch.utils.data")
+        for c in cls.__mro__
+    ):
+        raise TypeError(
+            f"CachedDataset wraps map-style datasets (__len__ and __getitem__); "
+            f"{cls.__qualname__} is an IterableDataset, which has no index to key samples by"
+        )
+    if isinstance(dataset, Mapping):
+        raise TypeError(
+            f"CachedDataset wraps datasets indexed 0..len-1; a {cls.__qualname__} is keyed by "
+            "arbitrary keys: use CacheLoader(...).get(key, load_fn) instead"
+        )
+    if not hasattr(cls, "__getitem__") or not hasattr(cls, "__len__"):
+        raise TypeError(
+            f"CachedDataset wraps map-style datasets, which define __len__ and __getitem__; "
+            f"{cls.__qualname__} lacks {'__getitem__' if hasattr(cls, '__len__') else '__len__'}"
+        )
+    try:
+        length = len(dataset)
+    except TypeError as exc:
+        raise TypeError(f"len() of the dataset failed: {exc}") from exc
+    return operator.index(length)
+
+
+class CachedDataset:
+    """A map-style dataset whose samples are computed once and then served from a store.
+
+    Wraps any dataset with ``__len__`` and ``__getitem__`` (a PyTorch ``Dataset``, a list, ...).
+    ``cached[i]`` returns ``dataset[i]``: the first time from the dataset, afterwards from the
+    store, in this process and in every process (DataLoader workers, other jobs, other nodes with
+    a network store) that opens a cache of the same ``dataset_name`` and ``version``.
+
+    Args:
+        dataset: the map-style dataset to cache. Its samples may be anything picklable
+            (tuples of tensors or arrays, dicts, ``None``); they come back equal.
+        backend: where samples live: a :class:`~memoshare.backends.Backend`, a name
+            (``"memory"``, ``"disk"``, ``"memcached"``, ``"redis"``) built with
+            ``backend_options``, or ``None`` for the embedded disk store.
+        dataset_name: the name samples are stored under (required). Caches of different names
+            share one store without meeting; the same name (and version) reuses the samples,
+            which is how jobs share a cache. Defaults to the dataset's ``name`` attribute if it
+            has a str one.
+        writer_buffer_size: new samples are written in batches of this many, in one round trip.
+        preload: start :meth:`preload` with its defaults at once.
+        version: a fingerprint of the dataset and its preprocessing (any plain value); change
+            it when they change, so that stale samples are never served.
+        namespace: prefix of every key (as for :func:`memoshare.memoize`).
+        stampede: on a miss, let one process compute while the others wait for its sample.
+        lease_timeout: seconds after which a computing process's claim expires (a crashed
+            worker blocks the others no longer than that); above the time one sample takes
+            plus ``flush_interval``.
+        wait_timeout: longest a process waits for another one's sample (default
+            ``lease_timeout``).
+        flush_interval: seconds after which buffered samples are written even if the buffer
+            is not full (``None``: only when full, on flush, close and exit).
+        strict: raise store errors instead of warning and going on uncached.
+        log_every: log a line with the samples and bytes cached every this many writes.
+        **backend_options: arguments of the backend named by ``backend``.
+
+    Use :meth:`flush` or ``with CachedDataset(...) as ds:`` to write buffered samples at a
+    point of your choosing; they are also written at exit, including a DataLoader worker's.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        backend: Backend | str | None = None,
+        dataset_name: str | None = None,
+        writer_buffer_size: int = 1,
+        preload: bool = False,
+        *,
+        version: Any = None,
+        namespace: str = DEFAULT_NAMESPACE,
+        stampede: bool = True,
+        lease_timeout: float = 30.0,
+        wait_timeout: float | None = None,
+        flush_interval: float | None = 1.0,
+        strict: bool = False,
+        log_every: int | None = 1000,
+        **backend_options: Any,
+    ) -> None:
+        _refuse_server_options("CachedDataset", backend_options)
+        length = _check_map_style(dataset)
+        if dataset_name is None:
+            dataset_name = getattr(dataset, "name", None)
+            if not isinstance(dataset_name, str):
+                raise TypeError(
+                    "CachedDataset needs dataset_name=...: samples are stored under it, and "
+                    "every job using the same name (and version) shares them"
+                )
+        cache = _SampleCache(
+            backend=backend,
+            backend_options=backend_options,
+            dataset_name=dataset_name,
+            version=version,
+            namespace=namespace,
+            writer_buffer_size=writer_buffer_size,
+            stampede=stampede,
+            lease_timeout=lease_timeout,
+            wait_timeout=wait_timeout,
+            flush_interval=flush_interval,
+            strict=strict,
+            log_every=log_every,
+            length=length,
+            label=f"dataset {dataset_name!r}",
+        )
+        cache.write_manifest(length)
+        self._setup(dataset, cache)
+        if preload:
+            self.preload()
+
+    def _setup(self, dataset: Any, cache: _SampleCache) -> None:
+        self.dataset = dataset
+        self._cache = cache
+        self._length = cache.length or 0
+        self._prefix = cache.prefix + "i"
+        self._preload: Preload | None = None
+
+    @classmethod
+    def from_cache(
+        cls,
+        dataset_name: str,
+        backend: Backend | str | None = None,
+        *,
+        version: Any = None,
+        namespace: str = DEFAULT_NAMESPACE,
+        verify: bool = True,
+        strict: bool = False,
+        **backend_options: Any,
+    ) -> CachedDataset:
+        """Open a complete cache without the original dataset (nor importing its code).
+
+        Args:
+            dataset_name, version, namespace: as given when the cache was filled.
+            backend, backend_options: the store holding it.
+            verify: check that every sample is stored (one listing, or one ``get_many`` per
+                :data:`SCAN_BATCH` samples on memcached) and raise if any is missing. Without
+                it only the manifest is read, and a missing sample raises when asked for.
+
+        Raises:
+            IncompleteCacheError: there is no such cache, or it lacks samples.
+        """
+        cache = _SampleCache(
+            backend=backend,
+            backend_options=backend_options,
+            dataset_name=dataset_name,
+            version=version,
+            namespace=namespace,
+            writer_buffer_size=1,
+            stampede=False,
+            lease_timeout=1.0,
+            wait_timeout=None,
+            flush_interval=None,
+            strict=strict,
+            log_every=None,
+            length=None,
+            label=f"dataset {dataset_name!r}",
+        )
+        manifest = cache.read_manifest()
+        if manifest is None:
+            raise IncompleteCacheError(
+                f"no cache of dataset {dataset_name!r} (version {version!r}, namespace "
+                f"{namespace!r}) in {cache.backend!r}: fill it first with CachedDataset(dataset, "
+                "dataset_name=...) and preload()"
+            )
+        cache.length = int(manifest["length"])
+        cache.known = cache.buffer.known = _Known(cache.length)
+        self = cls.__new__(cls)
+        self._setup(None, cache)
+        if verify:
+            missing = self.missing_indices()
+            if missing:
+                shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+                raise IncompleteCacheError(
+                    f"the cache of dataset {dataset_name!r} holds {len(self) - len(missing)} of "
+                    f"{len(self)} samples (missing: {shown}): complete it with the original "
+                    "dataset, e.g. CachedDataset(dataset, ...).preload().wait()"
+                )
+        return self
+
+    # -- the dataset protocol ------------------------------------------------------------------
+    def __len__(self) -> int:
+        """The number of samples (of the wrapped dataset, or recorded in the cache)."""
+        return self._length
+
+    def _index(self, index: Any) -> int:
+        try:
+            i = operator.index(index)
+        except TypeError:
+            raise TypeError(
+                f"CachedDataset indices are integers, got {type(index).__qualname__}"
+            ) from None
+        n = self._length
+        if i < 0:
+            i += n  # like a list
+        if not 0 <= i < n:
+            raise IndexError(f"index {index} is out of range for a dataset of {n} samples")
+        return i
+
+    def key(self, index: int) -> str:
+        """The store key of sample ``index``."""
+        return f"{self._prefix}{self._index(index)}"
+
+    def __getitem__(self, index: int) -> Any:
+        """Sample ``index`` (negative counts from the end): from the cache, else computed."""
+        i = self._index(index)
+        key = f"{self._prefix}{i}"
+        value = self._cache.lookup(key, i)
+        if value is _MISSING:
+            value = self._cache.obtain(key, i, self._loader(i))
+        return value
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+        """The samples at ``indices``: cached ones in one ``get_many``, the others computed.
+
+        PyTorch's DataLoader calls this with each batch's indices when it exists. Computed
+        samples are written together once the batch is done.
+        """
+        n = self._length
+        # Plain in-range ints (what samplers give) skip the general index check.
+        idx = [i if type(i) is int and 0 <= i < n else self._index(i) for i in indices]
+        prefix = self._prefix
+        keys = [f"{prefix}{i}" for i in idx]
+        found = self._cache.lookup_many(keys, idx)
+        if len(found) < len(set(keys)):
+            for key, i in zip(keys, idx, strict=True):
+                if key not in found:
+                    found[key] = self._cache.obtain(key, i, self._loader(i), flush=False)
+            self._cache.buffer.flush_if_full()
+        return [found[k] for k in keys]
+
+    def __iter__(self) -> Iterator[Any]:
+        """Every sample in order, read 64 at a time with :meth:`__getitems__`."""
+        for start in range(0, self._length, 64):
+            yield from self.__getitems__(range(start, min(start + 64, self._length)))
+
+    def _loader(self, index: int) -> Callable[[], Any]:
+        dataset = self.dataset
+        if dataset is None:
+
+            def unavailable() -> Any:
+                raise IncompleteCacheError(
+                    f"sample {index} of dataset {self.dataset_name!r} is not in the cache (never "
+                    "stored, or evicted) and this CachedDataset was opened with from_cache(), "
+                    "without the original dataset"
+                )
+
+            return unavailable
+        return lambda: dataset[index]
+
+    # -- preloading ----------------------------------------------------------------------------
+    def preload(
+        self,
+        order: Iterable[int] | None = None,
+        *,
+        workers: int = 4,
+        max_bytes: int = 256 << 20,
+        progress: bool = True,
+    ) -> Preload:
+        """Fill the cache in background threads while training goes on.
+
+        Samples already stored are skipped (so an interrupted preload resumes), the others are
+        computed by ``workers`` threads in the order the training loop will ask for them, and
+        a sample the loop asks for while a thread computes it is computed once (the loop waits
+        for it).
+
+        Args:
+            order: the indices in the order they will be asked for: a sequence, or a sampler
+                (iterated once; a PyTorch sampler's generator and the global RNG are restored,
+                so a sampler with a seeded ``generator`` then yields the same order to the
+                DataLoader). Default ``0..len-1``.
+            workers: threads computing samples (reading files and most preprocessing release
+                the GIL).
+            max_bytes: most bytes of computed samples held in memory, waiting to be written
+                or being computed (estimated from the mean size so far).
+            progress: show a tqdm progress bar (without tqdm: a log line every 10%).
+
+        Returns:
+            a :class:`Preload` to :meth:`~Preload.wait` for or :meth:`~Preload.cancel`.
+        """
+        if self.dataset is None:
+            raise TypeError("a cache opened with from_cache() has no dataset to preload from")
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers!r}")
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {max_bytes!r}")
+        if self._preload is not None and not self._preload.done:
+            raise RuntimeError("a preload of this dataset is running: wait() or cancel() it")
+        indices = [self._index(i) for i in _order(order, self._length)]
+        self._preload = Preload(self, indices, workers, max_bytes, progress)
+        return self._preload
+
+    # -- inspection ----------------------------------------------------------------------------
+    def missing_indices(self) -> list[int]:
+        """Indices whose sample is not in the store (nor waiting in this process's buffer)."""
+        cache = self._cache
+        listed = cache.listed("i")
+        if listed is not None:
+            stored = {int(k[len(self._prefix) :]) for k in listed}
+            return [
+                i
+                for i in range(self._length)
+                if i not in stored and cache.buffer.get(f"{self._prefix}{i}") is None
+            ]
+        keys = [f"{self._prefix}{i}" for i in range(self._length)]
+        stored_keys = cache.stored_among(keys)
+        return [
+            i for i, k in enumerate(keys) if k not in stored_keys and cache.buffer.get(k) is None
+        ]
+
+    def num_cached(self) -> int:
+        """How many samples are stored or waiting to be written."""
+        return self._length - len(self.missing_indices())
+
+    def is_complete(self) -> bool:
+        """Whether every sample is cached (then :meth:`from_cache` can serve it alone)."""
+        return not self.missing_indices()
+
+    @property
+    def dataset_name(self) -> str:
+        """The name the samples are stored under."""
+        return self._cache.dataset_name
+
+    @property
+    def version(self) -> Any:
+        """The fingerprint given as ``version=``."""
+        return self._cache.version
+
+    @property
+    def backend(self) -> Backend:
+        """The store."""
+        return self._cache.backend
+
+    @property
+    def stats(self) -> CacheStats:
+        """This process's counts: hits, misses (samples computed), sets (written), errors, ..."""
+        return self._cache.stats
+
+    @property
+    def samples_cached(self) -> int:
+        """Samples this process wrote to the store."""
+        return self._cache.sizes.samples
+
+    @property
+    def bytes_stored(self) -> int:
+        """Bytes of the samples this process wrote (serialized, before chunking)."""
+        return self._cache.sizes.bytes
+
+    @property
+    def samples_dropped(self) -> int:
+        """Samples dropped from the write buffer while the store did not take writes."""
+        return self._cache.sizes.dropped
+
+    @property
+    def pending(self) -> int:
+        """Samples waiting in this process's write buffer."""
+        return len(self._cache.buffer.pending)
+
+    # -- life cycle ----------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Write the buffered samples now (retrying; raises only with ``strict=True``)."""
+        self._cache.buffer.flush(attempts=len(RETRY_PAUSES) + 1)
+
+    def clear(self) -> int:
+        """Remove this dataset's entries (samples, chunks, manifest) from the store and this
+        process's buffer; return how many keys were removed."""
+        cache = self._cache
+        cache.buffer.discard()
+        if type(cache.backend).keys is Backend.keys:  # memcached: chunks are left to its LRU
+            listed = [f"{self._prefix}{i}" for i in range(self._length)]
+        else:  # every key of the dataset, chunks and leases included
+            listed = cache.backend.keys(cache.prefix)
+        removed = 0
+        for start in range(0, len(listed), SCAN_BATCH):
+            removed += cache.backend.delete_many(listed[start : start + SCAN_BATCH])
+        return removed + cache.backend.delete(cache.manifest_key)
+
+    def close(self) -> None:
+        """Stop a running preload and write the buffered samples."""
+        if self._preload is not None:
+            self._preload.cancel()
+        self._cache.close()
+
+    def __enter__(self) -> CachedDataset:
+        """Use as a context manager: :meth:`close` on exit."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Stop a running preload and write the buffered samples."""
+        self.close()
+
+    # -- pickling ------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        # The store's connections, the buffer and a preload stay here; the receiving process
+        # (a spawned DataLoader worker) opens its own connections.
+        return {"dataset": self.dataset, "cache": self._cache}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._setup(state["dataset"], state["cache"])
+
+    def __getattr__(self, name: str) -> Any:
+        # Attributes of the wrapped dataset (classes, targets, ...) stay reachable.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        dataset = self.__dict__.get("dataset")
+        if dataset is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(dataset, name)
+
+    def __repr__(self) -> str:
+        return (
+            f"CachedDataset({self.dataset_name!r}, {self._length} samples, "
+            f"version={self.version!r}, backend={self.backend!r})"
+        )

@@ -56,15 +56,22 @@ def _evaluate_many(fn, n: int, barrier, out) -> None:  # type: ignore[no-untyped
 
 
 def test_moments_updates_are_atomic_across_processes(shared_backend):
-    @memoize(shared_backend, allow_repeated_evaluations=True, rtol_stderr=0.0,
-             min_repetitions=10**9, shared_stats=False)
+    @memoize(
+        shared_backend,
+        allow_repeated_evaluations=True,
+        rtol_stderr=0.0,
+        min_repetitions=10**9,
+        shared_stats=False,
+    )
     def noisy(x):
         return x
 
     workers, per_worker = 8, 50
     barrier, out = FORK.Barrier(workers), FORK.Queue()
-    procs = [FORK.Process(target=_evaluate_many, args=(noisy, per_worker, barrier, out))
-             for _ in range(workers)]
+    procs = [
+        FORK.Process(target=_evaluate_many, args=(noisy, per_worker, barrier, out))
+        for _ in range(workers)
+    ]
     for p in procs:
         p.start()
     values = [v for _ in procs for v in out.get(timeout=120)]
@@ -79,13 +86,17 @@ def test_moments_updates_are_atomic_across_processes(shared_backend):
 
 
 def test_moments_updates_are_atomic_across_threads(memory_backend):
-    @memoize(memory_backend, allow_repeated_evaluations=True, rtol_stderr=0.0,
-             min_repetitions=10**9, shared_stats=False)
+    @memoize(
+        memory_backend,
+        allow_repeated_evaluations=True,
+        rtol_stderr=0.0,
+        min_repetitions=10**9,
+        shared_stats=False,
+    )
     def noisy(x):
         return x + random.random()
 
-    threads = [threading.Thread(target=lambda: [noisy(1.0) for _ in range(50)])
-               for _ in range(8)]
+    threads = [threading.Thread(target=lambda: [noisy(1.0) for _ in range(50)]) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
@@ -104,8 +115,9 @@ def _call_at_once(fn, arg, barrier, out) -> None:  # type: ignore[no-untyped-def
 
 def _run_together(fn, arg, workers: int = 8):  # type: ignore[no-untyped-def]
     barrier, out = FORK.Barrier(workers), FORK.Queue()
-    procs = [FORK.Process(target=_call_at_once, args=(fn, arg, barrier, out))
-             for _ in range(workers)]
+    procs = [
+        FORK.Process(target=_call_at_once, args=(fn, arg, barrier, out)) for _ in range(workers)
+    ]
     start = time.monotonic()
     for p in procs:
         p.start()
@@ -249,17 +261,41 @@ def test_shared_stats_add_up_over_processes(memcached_backend, memcached_server)
 
     # the command line reads the same totals
     out = subprocess.run(
-        [sys.executable, "-m", "memoshare", "stats", "--backend", "memcached",
-         "--server", f"127.0.0.1:{memcached_server.port}", "--namespace", "shared-test",
-         "--json"],
-        capture_output=True, text=True, timeout=60, check=True,
+        [
+            sys.executable,
+            "-m",
+            "memoshare",
+            "stats",
+            "--backend",
+            "memcached",
+            "--server",
+            f"127.0.0.1:{memcached_server.port}",
+            "--namespace",
+            "shared-test",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     (printed,) = json.loads(out)
     assert printed["calls"] == 400 and printed["hits"] == 390
     table = subprocess.run(
-        [sys.executable, "-m", "memoshare", "stats", "--backend", "memcached",
-         "--server", f"127.0.0.1:{memcached_server.port}"],
-        capture_output=True, text=True, timeout=60, check=True,
+        [
+            sys.executable,
+            "-m",
+            "memoshare",
+            "stats",
+            "--backend",
+            "memcached",
+            "--server",
+            f"127.0.0.1:{memcached_server.port}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     assert "cube" in table and "97.5%" in table and "shared-test" in table
 
@@ -309,8 +345,9 @@ def test_load_many_processes_one_memcached(memcached_backend):
 
     workers, calls = 4, 10_000  # 40,000 calls, bounded
     out = FORK.Queue()
-    procs = [FORK.Process(target=_load_worker, args=(transform, i, calls, out))
-             for i in range(workers)]
+    procs = [
+        FORK.Process(target=_load_worker, args=(transform, i, calls, out)) for i in range(workers)
+    ]
     start = time.monotonic()
     for p in procs:
         p.start()

@@ -413,3 +413,31 @@ def test_unhashable_argument_names_the_argument(make_value):
     assert calls == []
     m_ignoring = memo(f, ignore_args=["data"])
     assert m_ignoring(1, make_value()) == 1
+
+
+def test_memoized_keys_equal_computed_keys_and_keep_types_apart():
+    from memoshare.keys import KeyBuilder, function_digest
+
+    def f(x, y=None):
+        return x
+
+    builder = KeyBuilder(f, "ns", [], function_digest(f))
+    fresh = KeyBuilder(f, "ns", [], function_digest(f))
+    values = [1, True, 1.0, 0.0, -0.0, "1", b"1", None, 2**80, (1, 2), frozenset({"a"})]
+    for _ in range(2):  # the second round is served from the per-process memo
+        keys = [builder.key((v,), {}) for v in values]
+        assert keys == [fresh._key((v,), {}) for v in values]
+    assert len(set(keys)) == len(values)  # 1, True and 1.0 never share a key, nor 0.0 and -0.0
+
+
+def test_keyword_arguments_holding_arrays():
+    import numpy as np
+
+    from memoshare.keys import KeyBuilder, function_digest
+
+    def f(a, b=1):
+        return a
+
+    builder = KeyBuilder(f, "ns", [], function_digest(f))
+    assert builder.key((), {"a": np.arange(3)}) == builder.key((np.arange(3),), {"b": 1})
+    assert builder.key((), {"a": np.arange(3)}) != builder.key((), {"a": np.arange(4)})

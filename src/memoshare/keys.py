@@ -355,6 +355,8 @@ def _feed_callable(hasher: _Hasher, fn: Any, seen: set[int]) -> None:
 
 # -- binding arguments ---------------------------------------------------------------------------
 _SIMPLE = inspect.Parameter.POSITIONAL_OR_KEYWORD
+_MEMOABLE = frozenset({int, str, bytes, bool, type(None)})
+_MEMO_SIZE = 4096
 _EMPTY = inspect.Parameter.empty
 
 
@@ -397,6 +399,7 @@ class KeyBuilder:
         self._n_params = len(params)
         self._n_required = sum(p.default is inspect.Parameter.empty for p in params)
         self._defaults = tuple(p.default for p in params)
+        self._memo: dict[tuple[Any, ...], str] = {}
         self._names = tuple(names)
         self._keyword_names = [frozenset(names[i:]) for i in range(len(names) + 1)]
         self._name_tags = {name: _name_tag(name) for name in names}
@@ -425,12 +428,32 @@ class KeyBuilder:
             kwargs.get(name, default)
             for name, default in zip(self._names[n:], self._defaults[n:], strict=True)
         )
-        if _EMPTY in values:
+        if any(v is _EMPTY for v in values):  # not `in`: it would compare arrays with ==
             return None  # a required argument is missing
         return values
 
     def key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         """The store key of the call ``fn(*args, **kwargs)``."""
+        if not kwargs:
+            # Calls with only ints, strs, bytes, bools and None are memoized per process: for
+            # those types equality is exactly key equality (no -0.0/0.0 or 1/1.0/True
+            # conflation, as the types are part of the memo key), and it saves the hashing.
+            try:
+                memo_key: tuple[Any, ...] | None = (args, tuple(map(type, args)))
+                key = self._memo.get(memo_key)  # type: ignore[arg-type]
+            except Exception:  # unhashable (lists, arrays) or odd arguments: no memo
+                memo_key = key = None
+            if key is not None:
+                return key
+            key = self._key(args, kwargs)
+            if memo_key is not None and _MEMOABLE.issuperset(memo_key[1]):
+                if len(self._memo) >= _MEMO_SIZE:
+                    self._memo.clear()
+                self._memo[memo_key] = key
+            return key
+        return self._key(args, kwargs)
+
+    def _key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         h = self._base.copy()
         n = len(args)
         if not kwargs and self._simple and self._n_required <= n <= self._n_params:

@@ -1,6 +1,6 @@
 """The embedded default: an LMDB directory shared by every process of one machine.
 
-Why LMDB: a read is a memory-mapped B-tree lookup (about 1 us, versus about 8 us for diskcache's
+Why LMDB: a read is a memory-mapped B-tree lookup (about 1 us, versus 10 to 12 us for diskcache's
 SQLite, measured in docs/benchmarks.md), every write is an ACID transaction (a reader never sees
 a half-written entry, a crash never leaves one), and write transactions are serialized across
 processes by LMDB's own lock, which makes ``add``/``cas``/``incr`` atomic for free.

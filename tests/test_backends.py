@@ -198,3 +198,23 @@ def test_info_reports_items_and_bytes(any_backend):
     assert info["items"] >= 5
     assert info["bytes"] >= 500
     assert "evictions" in info
+
+
+def test_disk_refuses_a_value_above_its_size_limit(tmp_path):
+    from memoshare import BackendRefused
+
+    store = DiskBackend(tmp_path / "s", size_limit=1000)
+    store.set("small", bytes(100))
+    with pytest.raises(BackendRefused, match="size_limit"):
+        store.set("big", bytes(2000))
+    assert store.get("small") == bytes(100)  # nothing was evicted for it
+
+
+def test_disk_clear_does_not_revive_old_cas_tokens(tmp_path):
+    store = DiskBackend(tmp_path / "s")
+    store.set("k", b"1")
+    _, token = store.gets("k")
+    store.clear()
+    store.set("k", b"2")
+    assert store.cas("k", b"3", token) is False
+    assert store.get("k") == b"2"

@@ -362,3 +362,19 @@ def test_load_many_processes_one_memcached(memcached_backend):
     assert totals["errors"] == totals["timeouts"] == 0
     assert 2000 * 0.9 <= totals["misses"] <= 2000 + workers * 50  # few duplicate computations
     assert totals["sets"] == totals["misses"]
+
+
+def test_shared_stats_survive_a_local_reset(disk_backend):
+    @memoize(disk_backend, namespace="reset")
+    def ident(x):
+        return x
+
+    for i in range(6):
+        ident(i % 2)  # 2 misses, 4 hits
+    memoshare.flush_stats()
+    ident.stats.reset()
+    for i in range(3):
+        ident(i % 2)  # 3 hits
+    memoshare.flush_stats()
+    (row,) = memoshare.stats(disk_backend, namespace="reset")
+    assert (row.hits, row.misses) == (7, 2)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from memoshare import MemoryBackend, memoize, value_digest
-from memoshare.keys import KeyBuilder
+from memoshare.keys import KeyBuilder, function_digest
 
 
 def memo(fn, **options):
@@ -441,3 +441,98 @@ def test_keyword_arguments_holding_arrays():
     builder = KeyBuilder(f, "ns", [], function_digest(f))
     assert builder.key((), {"a": np.arange(3)}) == builder.key((np.arange(3),), {"b": 1})
     assert builder.key((), {"a": np.arange(3)}) != builder.key((), {"a": np.arange(4)})
+
+
+def test_ordered_dicts_in_other_orders_are_different_arguments():
+    import collections
+
+    from memoshare import value_digest
+
+    a = collections.OrderedDict(x=1, y=2)
+    b = collections.OrderedDict(y=2, x=1)
+    assert value_digest(a) != value_digest(b)
+    assert value_digest({"x": 1, "y": 2}) == value_digest({"y": 2, "x": 1})  # plain dicts
+
+
+def test_bound_builtin_methods_include_their_instance():
+    from memoshare import value_digest
+
+    d1, d2 = {"a": 1}, {"a": 2}
+    assert value_digest(d1.get) != value_digest(d2.get)
+    assert value_digest(len) == value_digest(len)
+
+
+def test_memoryview_keeps_format_and_shape():
+    from memoshare import value_digest
+
+    raw = bytes(range(8))
+    assert value_digest(memoryview(raw)) != value_digest(raw)
+    assert value_digest(memoryview(raw).cast("H")) != value_digest(memoryview(raw))
+
+
+def test_zero_dimensional_object_array():
+    from memoshare import value_digest
+
+    assert value_digest(np.array({"a": 1}, dtype=object)) != value_digest(
+        np.array({"a": 2}, dtype=object)
+    )
+
+
+def test_editing_a_same_module_class_changes_the_function_part(tmp_path):
+    import importlib.util
+
+    def load(source, name):
+        path = tmp_path / f"{name}.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location("helper_mod", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    template = (
+        "class Scaler:\n"
+        "    def apply(self, x):\n"
+        "        return x * {factor}\n"
+        "def f(x):\n"
+        "    return Scaler().apply(x)\n"
+    )
+    one = load(template.format(factor=2), "v1")
+    two = load(template.format(factor=3), "v2")
+    same = load(template.format(factor=2), "v3")
+    assert function_digest(one.f) != function_digest(two.f)
+    assert function_digest(one.f) == function_digest(same.f)
+
+
+def test_c_callables_can_be_memoized(memory_backend):
+    sine = memoize(memory_backend, shared_stats=False)(np.sin)
+    assert sine(0.5) == np.sin(0.5) and sine(0.5) == np.sin(0.5)
+    assert sine.stats.hits == 1
+    assert sine.cache_key(0.5) != memoize(memory_backend, shared_stats=False)(np.cos).cache_key(0.5)
+
+
+def test_version_is_typed_and_equal_in_spawned_workers():
+    def f(x):
+        return x
+
+    f.__module__ = "__main__"  # a function of the main script...
+    one = memoize("memory", version=1, shared_stats=False)(f)
+    text = memoize("memory", version="1", shared_stats=False)(f)
+    assert one.cache_key(3) != text.cache_key(3)
+    f.__module__ = "__mp_main__"  # how a spawn worker sees the main script's function
+    spawned = memoize("memory", version=1, shared_stats=False)(f)
+    assert spawned.cache_key(3) == one.cache_key(3)
+
+
+def test_recursive_memoized_function_keeps_its_keys_when_redefined(memory_backend):
+    namespace: dict = {"memoize": memoize, "backend": memory_backend}
+    source = (
+        "@memoize(backend, shared_stats=False)\n"
+        "def fib(n):\n"
+        "    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
+    )
+    keys = []
+    for _ in range(3):  # like re-running a notebook cell
+        exec(source, namespace)
+        keys.append(namespace["fib"].cache_key(10))
+    assert keys[0] == keys[1] == keys[2]
+    assert namespace["fib"](20) == 6765

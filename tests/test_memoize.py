@@ -614,3 +614,36 @@ def test_invalidate_removes_the_chunks_too(memcached_backend):
     assert small_items.get(key) is None
     nonce_hex = manifest[4:20].hex()
     assert small_items.get_many([f"{key}~{nonce_hex}~{i}" for i in range(12)]) == {}
+
+
+def test_memoizing_a_memoized_function_keeps_both_layers(memory_backend):
+    inner_store, outer_store = MemoryBackend(), memory_backend
+    inner = memoize(inner_store, shared_stats=False)(lambda x: x + 1)
+    outer = memoize(outer_store, shared_stats=False)(inner)
+    assert outer.backend is outer_store and outer.stats is not inner.stats
+    assert outer(1) == 2 and outer(1) == 2
+    assert outer.stats.hits == 1 and inner.stats.misses == 1
+    assert outer_store.info()["items"] == 1 and inner_store.info()["items"] == 1
+
+
+def test_callable_object_with_attributes_named_like_ours(memory_backend):
+    class Model:
+        def __init__(self):
+            self.stats = "training statistics"
+            self.backend = "torch"
+
+        def __call__(self, x):
+            return x * 2
+
+    model = memoize(memory_backend, shared_stats=False)(Model())
+    assert model(2) == 4 and model(2) == 4
+    assert model.stats.hits == 1
+
+
+def test_stochastic_function_returning_a_list(memory_backend):
+    @memoize(memory_backend, allow_repeated_evaluations=True, shared_stats=False)
+    def pair(x):
+        return [1.0, 3.0]
+
+    for _ in range(5):
+        assert list(pair(0)) == [1.0, 3.0]

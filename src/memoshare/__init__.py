@@ -27,7 +27,7 @@ from .backends import (
     make_backend,
 )
 from .counters import CacheStats, StatsSnapshot
-from .datasets import CachedDataset, CacheLoader
+from .datasets import CachedDataset, CacheLoader, IncompleteCacheError
 from .keys import function_digest, value_digest
 from .memoize import MemoizedFunction, memcached, memoize
 from .moments import Moments
@@ -48,6 +48,7 @@ __all__ = [
     "CorruptEntry",
     "DiskBackend",
     "FunctionStats",
+    "IncompleteCacheError",
     "MemcachedBackend",
     "MemcachedClientConfig",
     "MemoizedFunction",

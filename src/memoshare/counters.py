@@ -12,8 +12,9 @@ _FIELDS = ("sets", "misses", "hits", "timeouts", "errors", "reconnects")
 
 
 def _value(counter: itertools.count[int]) -> int:
-    # itertools.count keeps its next value in its reduce tuple; reading it does not advance it.
-    return counter.__reduce__()[1][0]  # type: ignore[index, no-any-return]
+    # repr(count(5)) is "count(5)"; reading it does not advance the counter. (Its __reduce__
+    # is deprecated since Python 3.12 and gone in 3.14.)
+    return int(repr(counter)[6:-1])
 
 
 class CacheStats:
@@ -109,6 +110,7 @@ class StatsSnapshot:
     reconnects: int = 0
 
     def asdict(self) -> dict[str, Any]:
+        """The figures as a dict."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def __sub__(self, other: StatsSnapshot) -> StatsSnapshot:

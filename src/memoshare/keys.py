@@ -42,7 +42,7 @@ __all__ = [
 
 DEFAULT_NAMESPACE = "memoshare"
 DIGEST_SIZE = 32
-_NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.\-/:@+=]{1,100}")
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.\-/@+=]{1,100}")
 
 _u64 = struct.Struct("<Q").pack
 _f64 = struct.Struct("<d").pack
@@ -58,6 +58,12 @@ def _name(obj: Any) -> str:
     return f"{_module(obj)}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
 
 
+def _bound_to_instance(fn: Any) -> bool:
+    """Whether a builtin function is a method bound to an object (``d.get``, ``[].append``)."""
+    owner = getattr(fn, "__self__", None)
+    return owner is not None and not isinstance(owner, types.ModuleType | type)
+
+
 def _module(obj: Any) -> str:
     module = getattr(obj, "__module__", None) or ""
     return "__main__" if module == "__mp_main__" else module
@@ -68,7 +74,8 @@ def check_namespace(namespace: str) -> str:
     if not isinstance(namespace, str) or not _NAMESPACE_RE.fullmatch(namespace):
         raise ValueError(
             f"invalid namespace {namespace!r}: use 1 to 100 characters among letters, digits "
-            "and _ . - / : @ + = (no whitespace or control characters)"
+            "and _ . - / @ + = (no whitespace, control characters or colons: the colon "
+            "separates the namespace from the digest)"
         )
     return namespace
 
@@ -108,6 +115,8 @@ class _Hasher:
             self.text(b"mod", obj.__name__)
         elif isinstance(obj, types.BuiltinFunctionType):
             self.text(b"bif", _name(obj))
+            if _bound_to_instance(obj):  # d1.get and d2.get are different functions
+                self.value(obj.__self__)
         elif hasattr(obj, "_memoshare_digest"):
             self.tag(b"memo", obj._memoshare_digest)
         else:
@@ -149,7 +158,8 @@ class _Hasher:
     def array(self, arr: np.ndarray) -> None:
         if arr.dtype.hasobject:
             self.tag(b"oarr", repr(arr.shape).encode())
-            self.container(b"oitems", arr, arr.ravel(order="C").tolist())
+            items = arr.ravel(order="C").tolist()  # a list even for a 0-d array
+            self.container(b"oitems", items, items)
             return
         arr = np.ascontiguousarray(arr)
         dtype = arr.dtype
@@ -175,11 +185,16 @@ class _Hasher:
             self.text(b"obj", _name(type(obj)))
             parts = list(reduced) + [None] * (6 - len(reduced))
             rebuild, args, state, list_items, dict_items = parts[:5]
-            self.value(rebuild)
+            # The reconstructor is library code (copyreg.__newobj__, numpy's _reconstruct, ...):
+            # named as pickle names it, not digested (which costs ~20 us per argument).
+            self.text(b"rebuild", _name(rebuild))
+            if _bound_to_instance(rebuild):
+                self.value(rebuild.__self__)
             self.value(args)
             self.value(state)
             self.value(None if list_items is None else list(list_items))
-            self.value(None if dict_items is None else dict(dict_items))
+            # In order: OrderedDicts that differ only in order are different values.
+            self.value(None if dict_items is None else list(dict_items))
         finally:
             self._stack.pop()
 
@@ -207,7 +222,7 @@ _EXACT: dict[type, Callable[[_Hasher, Any], None]] = {
     str: lambda h, x: h.text(b"str", x),
     bytes: lambda h, x: h.tag(b"bytes", x),
     bytearray: lambda h, x: h.tag(b"bytearray", x),
-    memoryview: lambda h, x: h.tag(b"bytes", x.tobytes()),
+    memoryview: lambda h, x: h.tag(f"memoryview{x.format}{x.shape}".encode(), x.tobytes()),
     tuple: lambda h, x: h.container(b"tuple", x, x),
     list: lambda h, x: h.container(b"list", x, x),
     dict: _Hasher.dict,
@@ -271,8 +286,19 @@ def _feed_global(hasher: _Hasher, value: Any, module: str, seen: set[int]) -> No
             _feed_function(hasher, value, seen)
         else:
             hasher.text(b"gfn", _name(value))
+    elif isinstance(value, type) and value.__module__ == module and id(value) not in seen:
+        # A class of the same module: its methods are part of what the function computes.
+        seen.add(id(value))
+        hasher.text(b"gcls", _name(value))
+        for attr, member in sorted(vars(value).items()):
+            member = getattr(member, "__func__", member)  # staticmethod, classmethod
+            if isinstance(member, types.FunctionType) and id(member) not in seen:
+                hasher.text(b"member", attr)
+                _feed_function(hasher, member, seen)
     elif isinstance(value, type | types.BuiltinFunctionType):
         hasher.text(b"gref", _name(value))
+        if _bound_to_instance(value):
+            _feed_global(hasher, value.__self__, module, seen)
     else:
         try:
             sub = _Hasher(hashlib.blake2b(digest_size=16))
@@ -281,6 +307,9 @@ def _feed_global(hasher: _Hasher, value: Any, module: str, seen: set[int]) -> No
         except (TypeError, RecursionError):
             # Not encodable (a lock, a connection, ...): only its type is part of the key.
             hasher.text(b"gtype", _name(type(value)))
+
+
+_ABSENT = object()
 
 
 def _feed_function(hasher: _Hasher, fn: types.FunctionType, seen: set[int]) -> None:
@@ -307,9 +336,15 @@ def _feed_function(hasher: _Hasher, fn: types.FunctionType, seen: set[int]) -> N
     globals_ = fn.__globals__
     builtins_ = globals_.get("__builtins__")
     for name in sorted(_code_names(fn.__code__)):
-        if name in globals_:
+        value = globals_.get(name, _ABSENT)
+        if name == fn.__name__ and (value is _ABSENT or value is fn or _name(value) == _name(fn)):
+            # A recursive function calling itself. While it is being decorated its name is not
+            # bound yet (or still bound to the previous version, when a notebook cell runs
+            # again): either way it is this function, whatever the global holds right now.
+            hasher.text(b"self", name)
+        elif value is not _ABSENT:
             hasher.text(b"global", name)
-            _feed_global(hasher, globals_[name], fn.__module__, seen)
+            _feed_global(hasher, value, fn.__module__, seen)
         elif builtins_ is not None and name in (
             builtins_ if isinstance(builtins_, dict) else vars(builtins_)
         ):
@@ -345,10 +380,16 @@ def _feed_callable(hasher: _Hasher, fn: Any, seen: set[int]) -> None:
         _feed_function(hasher, fn, seen)
     elif isinstance(fn, types.BuiltinFunctionType | type):
         hasher.text(b"builtin", _name(fn))
-    elif callable(fn):
+        if _bound_to_instance(fn):
+            hasher.value(fn.__self__)
+    elif callable(fn) and isinstance(type(fn).__call__, types.FunctionType):
         hasher.tag(b"callable")
         _feed_callable(hasher, type(fn).__call__, seen)
         hasher.value(fn)
+    elif callable(fn):
+        # Implemented in C (a numpy ufunc, a Cython function, ...): no code to read, so its
+        # type and name identify it (like a builtin), plus its state if it pickles by value.
+        hasher.text(b"ccallable", f"{_name(type(fn))}:{getattr(fn, '__name__', '')}")
     else:
         raise TypeError(f"cannot memoize {fn!r}: it is not callable")
 
@@ -358,6 +399,12 @@ _SIMPLE = inspect.Parameter.POSITIONAL_OR_KEYWORD
 _MEMOABLE = frozenset({int, str, bytes, bool, type(None)})
 _MEMO_SIZE = 4096
 _EMPTY = inspect.Parameter.empty
+_ANY_ARGUMENTS = inspect.Signature(
+    [
+        inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
+        inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
+    ]
+)
 
 
 class KeyBuilder:
@@ -379,7 +426,10 @@ class KeyBuilder:
         fn_digest: bytes,
     ) -> None:
         self.namespace = check_namespace(namespace)
-        self.signature = inspect.signature(fn)
+        try:
+            self.signature = inspect.signature(fn)
+        except (TypeError, ValueError):  # C callables may have none: take any arguments
+            self.signature = _ANY_ARGUMENTS
         params = list(self.signature.parameters.values())
         names = [p.name for p in params]
         ignored = set(ignore_args)

@@ -18,7 +18,14 @@ from . import serialization, storage
 from .backends import Backend, BackendError, BackendRefused, BackendTimeout, make_backend
 from .backends.memcached import MemcachedBackend, MemcachedClientConfig
 from .counters import CacheStats
-from .keys import DEFAULT_NAMESPACE, KeyBuilder, check_namespace, function_digest
+from .keys import (
+    DEFAULT_NAMESPACE,
+    KeyBuilder,
+    _name,
+    check_namespace,
+    function_digest,
+    value_digest,
+)
 from .moments import Moments
 from .shared_stats import track as track_shared_stats
 from .stampede import compute_once
@@ -107,10 +114,10 @@ class MemoizedFunction(Generic[P, R]):
         self._self: Any = _NO_SELF
         if isinstance(fn, types.MethodType):
             target, self._self = fn.__func__, fn.__self__
-        elif not isinstance(fn, types.FunctionType | functools.partial) and not isinstance(
-            fn, type | types.BuiltinFunctionType
-        ):
-            target, self._self = type(fn).__call__, fn
+        elif not isinstance(
+            fn, types.FunctionType | functools.partial | type | types.BuiltinFunctionType
+        ) and isinstance(type(fn).__call__, types.FunctionType):
+            target, self._self = type(fn).__call__, fn  # a callable object written in Python
         self._target = target
 
         if _fn_digest is None:
@@ -123,7 +130,9 @@ class MemoizedFunction(Generic[P, R]):
         self._failing = False
         self._warned_unpicklable = False
         self._warned_refused = False
-        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        # updated=(): copying fn.__dict__ would overwrite this object's own attributes (a
+        # memoized function's stats and backend, a callable object's fields).
+        functools.update_wrapper(self, fn, updated=())  # type: ignore[arg-type]
         if "__qualname__" not in self.__dict__:  # a functools.partial or a callable object
             inner = fn.func if isinstance(fn, functools.partial) else fn
             self.__qualname__ = getattr(inner, "__qualname__", type(inner).__qualname__)
@@ -140,8 +149,8 @@ class MemoizedFunction(Generic[P, R]):
             sig = self._signature
             h.update(b"signature:" + (sig.encode() if isinstance(sig, str) else bytes(sig)))
         elif self._version is not None:
-            name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', '')}"
-            h.update(f"version:{name}:{self._version}".encode())
+            # The version is encoded like an argument: 1 and "1" are different versions.
+            h.update(b"version:" + _name(fn).encode() + b":" + value_digest(self._version))
         else:
             h.update(b"code:" + function_digest(target))
         # The stored format differs between the two modes: never read one as the other.

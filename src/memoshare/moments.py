@@ -26,7 +26,11 @@ class Moments:
     @classmethod
     def first(cls, value: Any) -> Moments:
         """The moments of a single observation."""
-        m2 = np.zeros(np.shape(value)) if _is_array(value) else 0.0
+        m2 = (
+            np.zeros(np.shape(value))
+            if _is_array(value) or isinstance(value, list | tuple)
+            else 0.0
+        )
         return cls(mean=_as_float(value), m2=m2, count=1)
 
     def add(self, value: Any) -> Moments:
@@ -74,4 +78,6 @@ def _is_array(value: Any) -> bool:
 
 
 def _as_float(value: Any) -> Any:
+    if isinstance(value, list | tuple):  # sequences of numbers: averaged element-wise
+        return np.asarray(value, dtype=float)
     return value.astype(float) if _is_array(value) and value.dtype.kind in "biu" else value

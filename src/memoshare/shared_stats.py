@@ -98,12 +98,15 @@ class _Flusher:
         if not self._at_exit_registered:
             self._at_exit_registered = True
             atexit.register(self.flush)
-            # multiprocessing children leave through os._exit, which skips atexit; their
-            # finalizers with an exit priority still run.
-            multiprocessing.util.Finalize(None, self.flush, exitpriority=100)
+            self.register_exit_flush()
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="memoshare-stats", daemon=True)
             self._thread.start()
+
+    def register_exit_flush(self) -> None:
+        """Flush when a multiprocessing child exits: it leaves through ``os._exit``, which
+        skips atexit, but runs the finalizers that have an exit priority."""
+        multiprocessing.util.Finalize(None, self.flush, exitpriority=100)
 
     def _run(self) -> None:
         while not self._wake.wait(FLUSH_INTERVAL):
@@ -119,6 +122,9 @@ class _Flusher:
 
     def _flush_one(self, function: MemoizedFunction[Any, Any], entry: _Tracked) -> None:
         current = function.stats.asdict()
+        for f in FIELDS:
+            if current[f] < entry.baseline[f]:  # stats.reset() since the last flush
+                entry.baseline[f] = 0
         delta = {f: current[f] - entry.baseline[f] for f in FIELDS}
         if not any(d > 0 for d in delta.values()):
             entry.baseline = current  # nothing new (or the counters were reset)
@@ -156,8 +162,9 @@ class _Flusher:
 _flusher = _Flusher()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_flusher.after_fork_in_child)
-# A multiprocessing child clears the finalizer registry after the fork hooks ran: register again.
-multiprocessing.util.register_after_fork(_flusher, lambda flusher: flusher.after_fork_in_child())
+# A multiprocessing child clears the finalizer registry after the fork hooks ran: register the
+# exit flush again (the fork hook above has already reset the rest and started the thread).
+multiprocessing.util.register_after_fork(_flusher, lambda flusher: flusher.register_exit_flush())
 
 
 def track(function: MemoizedFunction[Any, Any]) -> None:
@@ -195,6 +202,7 @@ class FunctionStats:
         return self.hits / self.calls if self.calls else 0.0
 
     def asdict(self) -> dict[str, Any]:
+        """The fields, plus ``calls`` and ``hit_rate``, as a dict (what ``--json`` prints)."""
         return {**asdict(self), "calls": self.calls, "hit_rate": self.hit_rate}
 
 

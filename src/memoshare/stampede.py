@@ -27,7 +27,7 @@ LEASE_SUFFIX = "~lease"
 
 
 def _lease_token() -> bytes:
-    return f"{os.getpid()}:{time.time():.3f}".encode()
+    return f"{os.getpid()}:{time.time():.6f}:{os.urandom(4).hex()}".encode()
 
 
 def compute_once(
@@ -57,7 +57,8 @@ def compute_once(
     pause = 0.005
     while True:
         try:
-            leased = backend.add(lease, _lease_token(), expire=lease_timeout)
+            token = _lease_token()
+            leased = backend.add(lease, token, expire=lease_timeout)
         except BackendError as exc:
             on_error(exc, "lease")
             return False, compute()
@@ -67,7 +68,10 @@ def compute_once(
                 return (True, value) if found else (False, compute())
             finally:
                 try:
-                    backend.delete(lease)
+                    # Only our own lease: if it expired while we computed, another caller may
+                    # hold it now, and deleting that one would let a third caller compute.
+                    if backend.get(lease) == token:
+                        backend.delete(lease)
                 except BackendError as exc:
                     on_error(exc, "lease release")
         while True:  # another caller holds the lease: wait for its entry, or for it to go

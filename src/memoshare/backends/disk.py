@@ -23,7 +23,7 @@ from typing import Any
 
 import lmdb
 
-from .base import Backend, BackendError, CasToken
+from .base import Backend, BackendError, BackendRefused, CasToken
 
 __all__ = ["DiskBackend", "default_cache_dir"]
 
@@ -181,6 +181,12 @@ class DiskBackend(Backend):
         self._meta_add(txn, _META_ITEMS, -1)
 
     def _put(self, txn: Any, bkey: bytes, value: bytes, expire: float | None) -> None:
+        if self.size_limit is not None and len(value) > self.size_limit:
+            # Keeping it would evict everything else and still exceed the limit.
+            raise BackendRefused(
+                f"a value of {len(value)} bytes exceeds the disk cache's size_limit "
+                f"({self.size_limit} bytes)"
+            )
         old = txn.get(bkey, db=self._data)
         if old is not None:
             self._drop(txn, bkey, old)
@@ -193,17 +199,22 @@ class DiskBackend(Backend):
             self._evict(txn, total, keep=bkey)
 
     def _evict(self, txn: Any, total: int, keep: bytes) -> None:
+        # Walk the order table from the oldest write, only as far as needed (not a full scan).
         cursor = txn.cursor(db=self._order)
         evicted = 0
-        for _, victim in list(cursor.iternext()):
-            if total <= self.size_limit:  # type: ignore[operator]
-                break
+        positioned = cursor.first()
+        while positioned and total > self.size_limit:  # type: ignore[operator]
+            victim = cursor.value()
             if victim == keep:
+                positioned = cursor.next()
                 continue
             raw = txn.get(victim, db=self._data)
+            positioned = cursor.delete()  # the order entry; the cursor moves to the next one
             if raw is not None:
                 total -= len(raw) - _HEADER.size
-                self._drop(txn, victim, raw)
+                txn.delete(victim, db=self._data)
+                self._meta_add(txn, _META_BYTES, -(len(raw) - _HEADER.size))
+                self._meta_add(txn, _META_ITEMS, -1)
                 evicted += 1
         if evicted:
             self._meta_add(txn, _META_EVICTIONS, evicted)
@@ -213,7 +224,8 @@ class DiskBackend(Backend):
             with self._write() as txn:
                 return fn(txn)
         except lmdb.MapFullError as exc:
-            raise BackendError(
+            # Refused, not down: the store answers, it has no room for this value.
+            raise BackendRefused(
                 f"the disk cache at {self.path} is full ({self.map_size} bytes): pass a larger "
                 "map_size= or a size_limit= so old entries are evicted"
             ) from exc
@@ -318,8 +330,11 @@ class DiskBackend(Backend):
 
     def clear(self) -> None:
         def drop_all(txn: Any) -> None:
+            seq = txn.get(_META_SEQ, db=self._meta)
             for db in (self._data, self._order, self._meta):
                 txn.drop(db, delete=False)
+            if seq is not None:  # keep counting: a CAS token from before must not match again
+                txn.put(_META_SEQ, seq, db=self._meta)
 
         self._run("clear", drop_all)
 

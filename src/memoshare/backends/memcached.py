@@ -255,11 +255,9 @@ class MemcachedBackend(Backend):
         return bool(self._call(lambda c: c.delete(key, noreply=False)))
 
     def delete_many(self, keys: Iterable[str]) -> int:
-        keys = list(keys)
-        found = self.get_many(keys)
-        if found:
-            self._call(lambda c: c.delete_many(list(found), noreply=False))
-        return len(found)
+        # One delete per key (pymemcache's delete_many does not say which keys existed), in
+        # one pass without downloading the values.
+        return sum(self.delete(key) for key in keys)
 
     def incr(self, key: str, delta: int = 1) -> int:
         for _ in range(10):

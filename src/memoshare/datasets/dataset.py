@@ -391,6 +391,8 @@ class CachedDataset:
         process's buffer; return how many keys were removed."""
         cache = self._cache
         cache.buffer.discard()
+        if cache.known is not None:  # forget what was seen, or misses would look like evictions
+            cache.known = _Known(cache.length)
         if type(cache.backend).keys is Backend.keys:  # memcached: chunks are left to its LRU
             listed = [f"{self._prefix}{i}" for i in range(self._length)]
         else:  # every key of the dataset, chunks and leases included

@@ -218,3 +218,10 @@ def test_disk_clear_does_not_revive_old_cas_tokens(tmp_path):
     store.set("k", b"2")
     assert store.cas("k", b"3", token) is False
     assert store.get("k") == b"2"
+
+
+def test_exists_many(any_backend):
+    any_backend.set_many({"a": b"1", "b": b""})
+    any_backend.set("gone", b"1", expire=1)
+    assert any_backend.exists_many(["a", "b", "c"]) == {"a", "b"}
+    assert any_backend.exists_many([]) == set()

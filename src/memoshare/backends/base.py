@@ -169,6 +169,11 @@ class Backend(ABC):
                 found[key] = value
         return found
 
+    def exists_many(self, keys: Iterable[str]) -> set[str]:
+        """Which of ``keys`` are stored. Stores that can tell without sending the values
+        (disk, memory, Redis) do; memcached has no such command and reads them."""
+        return set(self.get_many(keys))
+
     def set_many(self, items: Mapping[str, bytes], expire: float | None = None) -> None:
         """Store all ``items``; raises :class:`BackendError` if any was refused."""
         for key, value in items.items():

@@ -253,6 +253,16 @@ class DiskBackend(Backend):
                     found[key] = bytes(raw[_HEADER.size :])
         return found
 
+    def exists_many(self, keys: Iterable[str]) -> set[str]:
+        env = self._env or self._open()
+        found = set()
+        with env.begin(db=self._data, buffers=True) as txn:  # buffers: nothing is copied
+            for key in keys:
+                raw = txn.get(key.encode())
+                if raw is not None and not _expired(_HEADER.unpack_from(raw)[1]):
+                    found.add(key)
+        return found
+
     def gets(self, key: str) -> tuple[bytes | None, CasToken]:
         env = self._env or self._open()
         with env.begin(db=self._data, buffers=True) as txn:

@@ -123,6 +123,10 @@ class MemoryBackend(Backend):
         with self._lock:
             return {k: v for k in keys if (v := self.get(k)) is not None}
 
+    def exists_many(self, keys: Iterable[str]) -> set[str]:
+        with self._lock:
+            return {k for k in keys if self._live(k) is not None}
+
     def keys(self, prefix: str = "") -> list[str]:
         with self._lock:
             return [k for k in list(self._data) if k.startswith(prefix) and self._live(k)]

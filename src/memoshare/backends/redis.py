@@ -122,6 +122,19 @@ class RedisBackend(Backend):
         values = self._call(lambda c: c.mget(keys))
         return {k: v for k, v in zip(keys, values, strict=True) if v is not None}
 
+    def exists_many(self, keys: Iterable[str]) -> set[str]:
+        keys = list(keys)
+        if not keys:
+            return set()
+
+        def pipelined(c: redis.Redis) -> list[Any]:
+            pipe = c.pipeline(transaction=False)
+            for key in keys:
+                pipe.exists(key)
+            return pipe.execute()
+
+        return {k for k, n in zip(keys, self._call(pipelined), strict=True) if n}
+
     def set(self, key: str, value: bytes, expire: float | None = None) -> None:
         if not self._call(lambda c: c.set(key, value, px=self._px(expire))):
             raise BackendRefused(f"Redis refused to store {key!r} ({len(value)} bytes)")

@@ -275,16 +275,17 @@ class _SampleCache:
         if self.buffer.get(key) is not None:
             return True
         try:
-            return self.backend.get(key) is not None
+            return bool(self.backend.exists_many([key]))
         except BackendError as exc:
             self.health.failed(exc, "read")
             return False
 
     def stored_among(self, keys: list[str]) -> set[str]:
-        """Which of ``keys`` are in the store: one ``get_many`` per :data:`SCAN_BATCH` keys."""
+        """Which of ``keys`` are in the store, :data:`SCAN_BATCH` keys per round trip (values
+        are not downloaded where the store can tell without them)."""
         stored: set[str] = set()
         for start in range(0, len(keys), SCAN_BATCH):
-            stored.update(self.backend.get_many(keys[start : start + SCAN_BATCH]))
+            stored.update(self.backend.exists_many(keys[start : start + SCAN_BATCH]))
         return stored
 
     def listed(self, tag: str) -> list[str] | None:

@@ -18,7 +18,7 @@ from ..counters import CacheStats
 from ..keys import check_namespace, value_digest
 from ..stampede import compute_once
 from .bookkeeping import _count, _Health, _human, _Known, _Sizes
-from .buffer import _flusher, _LeaseRelay, _WriteBuffer
+from .buffer import RETRY_PAUSES, _flusher, _LeaseRelay, _WriteBuffer
 from .codec import _dumps_sample
 
 logger = logging.getLogger("memoshare")
@@ -462,3 +462,61 @@ def _refuse_server_options(kind: str, options: Mapping[str, Any]) -> None:
             "memcached or redis-server yourself and pass backend=MemcachedBackend(...) or "
             "backend='redis', host=..., port=..."
         )
+
+
+class _CacheFront:
+    """What CachedDataset and CacheLoader share: both are a front for one :class:`_SampleCache`
+    (its name, store, counts and write buffer)."""
+
+    _cache: _SampleCache
+
+    @property
+    def dataset_name(self) -> str:
+        """The name the entries are stored under."""
+        return self._cache.dataset_name
+
+    @property
+    def backend(self) -> Backend:
+        """The store."""
+        return self._cache.backend
+
+    @property
+    def stats(self) -> CacheStats:
+        """This process's counts: hits, misses (values computed), sets (written), errors, ..."""
+        return self._cache.stats
+
+    @property
+    def samples_cached(self) -> int:
+        """Values this process wrote to the store."""
+        return self._cache.sizes.samples
+
+    @property
+    def bytes_stored(self) -> int:
+        """Bytes of the values this process wrote (serialized, before chunking)."""
+        return self._cache.sizes.bytes
+
+    @property
+    def samples_dropped(self) -> int:
+        """Values dropped from the write buffer while the store did not take writes."""
+        return self._cache.sizes.dropped
+
+    @property
+    def pending(self) -> int:
+        """Values waiting in this process's write buffer."""
+        return len(self._cache.buffer.pending)
+
+    def flush(self) -> None:
+        """Write the buffered values now (retrying; raises only with ``strict=True``)."""
+        self._cache.buffer.flush(attempts=len(RETRY_PAUSES) + 1)
+
+    def close(self) -> None:
+        """Write the buffered values (and close a backend this object built)."""
+        self._cache.close()
+
+    def __enter__(self) -> Any:
+        """Use as a context manager: :meth:`close` on exit."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """:meth:`close`."""
+        self.close()

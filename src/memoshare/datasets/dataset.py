@@ -7,11 +7,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from ..backends import Backend
-from ..counters import CacheStats
 from ..keys import DEFAULT_NAMESPACE
 from .bookkeeping import _Known
-from .buffer import RETRY_PAUSES
-from .cache import _MISSING, SCAN_BATCH, _refuse_server_options, _SampleCache
+from .cache import _MISSING, SCAN_BATCH, _CacheFront, _refuse_server_options, _SampleCache
 from .preload import Preload, _order
 
 
@@ -47,7 +45,7 @@ def _check_map_style(dataset: Any) -> int:
     return operator.index(length)
 
 
-class CachedDataset:
+class CachedDataset(_CacheFront):
     """A map-style dataset whose samples are computed once and then served from a store.
 
     Wraps any dataset with ``__len__`` and ``__getitem__`` (a PyTorch ``Dataset``, a list, ...).
@@ -342,50 +340,11 @@ class CachedDataset:
         return not self.missing_indices()
 
     @property
-    def dataset_name(self) -> str:
-        """The name the samples are stored under."""
-        return self._cache.dataset_name
-
-    @property
     def version(self) -> Any:
         """The fingerprint given as ``version=``."""
         return self._cache.version
 
-    @property
-    def backend(self) -> Backend:
-        """The store."""
-        return self._cache.backend
-
-    @property
-    def stats(self) -> CacheStats:
-        """This process's counts: hits, misses (samples computed), sets (written), errors, ..."""
-        return self._cache.stats
-
-    @property
-    def samples_cached(self) -> int:
-        """Samples this process wrote to the store."""
-        return self._cache.sizes.samples
-
-    @property
-    def bytes_stored(self) -> int:
-        """Bytes of the samples this process wrote (serialized, before chunking)."""
-        return self._cache.sizes.bytes
-
-    @property
-    def samples_dropped(self) -> int:
-        """Samples dropped from the write buffer while the store did not take writes."""
-        return self._cache.sizes.dropped
-
-    @property
-    def pending(self) -> int:
-        """Samples waiting in this process's write buffer."""
-        return len(self._cache.buffer.pending)
-
     # -- life cycle ----------------------------------------------------------------------------
-    def flush(self) -> None:
-        """Write the buffered samples now (retrying; raises only with ``strict=True``)."""
-        self._cache.buffer.flush(attempts=len(RETRY_PAUSES) + 1)
-
     def clear(self) -> int:
         """Remove this dataset's entries (samples, chunks, manifest) from the store and this
         process's buffer; return how many keys were removed."""
@@ -407,14 +366,6 @@ class CachedDataset:
         if self._preload is not None:
             self._preload.cancel()
         self._cache.close()
-
-    def __enter__(self) -> CachedDataset:
-        """Use as a context manager: :meth:`close` on exit."""
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        """Stop a running preload and write the buffered samples."""
-        self.close()
 
     # -- pickling ------------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:

@@ -6,14 +6,13 @@ from collections.abc import Callable
 from typing import Any
 
 from ..backends import Backend
-from ..counters import CacheStats
 from ..keys import DEFAULT_NAMESPACE
 from .buffer import RETRY_PAUSES
-from .cache import _MISSING, _refuse_server_options, _SampleCache
+from .cache import _MISSING, _CacheFront, _refuse_server_options, _SampleCache
 
 
 # -- CacheLoader -----------------------------------------------------------------------------------
-class CacheLoader:
+class CacheLoader(_CacheFront):
     """A cache of values by key: ``get(key, load_fn)`` returns the cached value of ``key`` or
     computes ``load_fn(key)`` once and caches it.
 
@@ -99,52 +98,6 @@ class CacheLoader:
             return len(listed)
         raw = cache.backend.get(cache.prefix + "count")
         return int(raw) if raw else 0
-
-    @property
-    def dataset_name(self) -> str:
-        """The name entries are stored under."""
-        return self._cache.dataset_name
-
-    @property
-    def backend(self) -> Backend:
-        """The store."""
-        return self._cache.backend
-
-    @property
-    def stats(self) -> CacheStats:
-        """This process's counts (hits, misses, sets, errors, timeouts, reconnects)."""
-        return self._cache.stats
-
-    @property
-    def samples_cached(self) -> int:
-        """Values this process wrote to the store."""
-        return self._cache.sizes.samples
-
-    @property
-    def bytes_stored(self) -> int:
-        """Bytes of the values this process wrote (serialized)."""
-        return self._cache.sizes.bytes
-
-    @property
-    def pending(self) -> int:
-        """Values waiting in this process's write buffer."""
-        return len(self._cache.buffer.pending)
-
-    def flush(self) -> None:
-        """Write the buffered values now."""
-        self._cache.buffer.flush(attempts=len(RETRY_PAUSES) + 1)
-
-    def close(self) -> None:
-        """Write the buffered values (and close a backend this loader built)."""
-        self._cache.close()
-
-    def __enter__(self) -> CacheLoader:
-        """Use as a context manager: :meth:`close` on exit."""
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        """Write the buffered values."""
-        self.close()
 
     def __repr__(self) -> str:
         return f"CacheLoader({self.dataset_name!r}, backend={self.backend!r})"

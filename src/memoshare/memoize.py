@@ -15,9 +15,10 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 import cloudpickle
 
 from . import serialization, storage
-from .backends import Backend, BackendError, BackendRefused, BackendTimeout, make_backend
+from .backends import Backend, BackendError, make_backend
 from .backends.memcached import MemcachedBackend, MemcachedClientConfig
 from .counters import CacheStats
+from .health import StoreHealth
 from .keys import (
     DEFAULT_NAMESPACE,
     KeyBuilder,
@@ -127,9 +128,7 @@ class MemoizedFunction(Generic[P, R]):
         self._key = self._keys.key  # bound once: the hit path looks up fewer attributes
         self._get = self.backend.get
         self.stats = CacheStats()
-        self._failing = False
         self._warned_unpicklable = False
-        self._warned_refused = False
         # updated=(): copying fn.__dict__ would overwrite this object's own attributes (a
         # memoized function's stats and backend, a callable object's fields).
         functools.update_wrapper(self, fn, updated=())  # type: ignore[arg-type]
@@ -137,6 +136,7 @@ class MemoizedFunction(Generic[P, R]):
             inner = fn.func if isinstance(fn, functools.partial) else fn
             self.__qualname__ = getattr(inner, "__qualname__", type(inner).__qualname__)
         self._fn = fn
+        self._health = StoreHealth(self.__qualname__, self.stats, strict)
         self.shared_stats = shared_stats
         if shared_stats:
             track_shared_stats(self)
@@ -169,10 +169,10 @@ class MemoizedFunction(Generic[P, R]):
         try:
             data = self._get(key)
         except BackendError as exc:
-            self._backend_failed(exc, "read")
+            self._health.failed(exc, "read")
         else:
-            if self._failing:
-                self._backend_back()
+            if self._health.failing:
+                self._health.ok()
             if data is not None:
                 if is_manifest(data):
                     found, value = self._lookup(key)  # chunked: the general path
@@ -181,7 +181,7 @@ class MemoizedFunction(Generic[P, R]):
                 if found:
                     next(self.stats._hits)  # CacheStats.count("hits"), inlined
                     return value  # type: ignore[no-any-return]
-        if self.stampede and not self._failing:
+        if self.stampede and not self._health.failing:
             return self._compute_once(key, args, kwargs)
         return self._compute_and_store(key, args, kwargs)
 
@@ -189,10 +189,10 @@ class MemoizedFunction(Generic[P, R]):
         try:
             payload = storage.read_entry(self.backend, key)
         except BackendError as exc:
-            self._backend_failed(exc, "read")
+            self._health.failed(exc, "read")
             return False, None
-        if self._failing:
-            self._backend_back()
+        if self._health.failing:
+            self._health.ok()
         if payload is None:
             return False, None
         return self._decode(key, payload)
@@ -229,7 +229,7 @@ class MemoizedFunction(Generic[P, R]):
         try:
             storage.write_entry(self.backend, key, payload)
         except BackendError as exc:
-            self._backend_failed(exc, "write")
+            self._health.failed(exc, "write")
             return False
         self.stats.count("sets")
         return True
@@ -257,7 +257,7 @@ class MemoizedFunction(Generic[P, R]):
             key,
             lookup=lambda: self._lookup(key),
             compute=lambda: self._compute_and_store(key, args, kwargs),
-            on_error=self._backend_failed,
+            on_error=self._health.failed,
             lease_timeout=self.lease_timeout,
             wait_timeout=self.wait_timeout,
         )
@@ -304,7 +304,7 @@ class MemoizedFunction(Generic[P, R]):
                 else:
                     stored = storage.replace_entry(self.backend, key, new_payload, token)
             except BackendError as exc:
-                self._backend_failed(exc, "update")
+                self._health.failed(exc, "update")
                 return None
             if stored:
                 self.stats.count("sets")
@@ -318,37 +318,6 @@ class MemoizedFunction(Generic[P, R]):
             key,
         )
         return None
-
-    # -- failures ------------------------------------------------------------------------------
-    def _backend_failed(self, exc: BackendError, what: str) -> None:
-        self.stats.count("timeouts" if isinstance(exc, BackendTimeout) else "errors")
-        if self.strict:
-            raise exc
-        if isinstance(exc, BackendRefused):  # the store is up: no outage, just this value
-            if not self._warned_refused:
-                self._warned_refused = True
-                logger.warning(
-                    "memoshare: %s: the store refused to %s an entry (%s); such "
-                    "results stay uncached",
-                    self.__qualname__,
-                    what,
-                    exc,
-                )
-            return
-        if not self._failing:
-            self._failing = True
-            logger.warning(
-                "memoshare: %s cannot %s its cache (%s); calls go on uncached until the store "
-                "answers again",
-                self.__qualname__,
-                what,
-                exc,
-            )
-
-    def _backend_back(self) -> None:
-        self._failing = False
-        self.stats.count("reconnects")
-        logger.info("memoshare: %s reaches its cache again", self.__qualname__)
 
     # -- helpers -------------------------------------------------------------------------------
     def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str:

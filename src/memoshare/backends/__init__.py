@@ -12,6 +12,7 @@ backend                shared by                                   needs
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,15 @@ __all__ = [
 
 _default: DiskBackend | None = None
 _default_lock = threading.Lock()
+
+
+def _new_default_lock() -> None:
+    global _default_lock
+    _default_lock = threading.Lock()  # another thread may have held it at the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_default_lock)
 
 
 def default_backend() -> DiskBackend:

@@ -59,7 +59,10 @@ _live_backends_lock = threading.Lock()
 
 
 def _reset_all_after_fork() -> None:
-    # A forked child must never share a socket or an LMDB environment with its parent.
+    # A forked child must never share a socket or an LMDB environment with its parent. Its
+    # locks start free: a parent's thread may have held one at the fork, and is gone here.
+    global _live_backends_lock
+    _live_backends_lock = threading.Lock()
     for backend in list(_live_backends):
         backend._after_fork()
 

@@ -41,6 +41,9 @@ ENV_VAR = "MEMOSHARE_DIR"
 # LMDB forbids opening one file twice in a process: environments are shared per path.
 _envs: dict[str, tuple[Any, ...]] = {}  # path -> (environment, data, order, meta tables)
 _envs_lock = threading.Lock()
+# Held around every write transaction of this process, and by fork() (see below): a child must
+# not inherit (and then abort, when it closes the environment) a write transaction in flight.
+_write_lock = threading.RLock()
 _inherited: list[lmdb.Environment] = []  # a parent's environments: never used nor closed
 
 
@@ -60,10 +63,21 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "memoshare"
 
 
+def _before_fork() -> None:
+    _write_lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _write_lock.release()
+
+
 def _reopen_envs_after_fork() -> None:
     # LMDB environments must not be used across fork. py-lmdb refuses to open a path twice in
     # one process, so the child closes what it inherited (this releases only the child's own
     # locks and reader slots, never the parent's) and opens the path afresh on first use.
+    global _envs_lock, _write_lock
+    _envs_lock = threading.Lock()  # a parent's thread may have held them at the fork
+    _write_lock = threading.RLock()
     for handles in _envs.values():
         try:
             handles[0].close()
@@ -73,7 +87,11 @@ def _reopen_envs_after_fork() -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reopen_envs_after_fork)
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_reopen_envs_after_fork,
+    )
 
 
 def _expire_at(expire: float | None) -> float:
@@ -221,7 +239,7 @@ class DiskBackend(Backend):
 
     def _run(self, what: str, fn: Any) -> Any:
         try:
-            with self._write() as txn:
+            with _write_lock, self._write() as txn:
                 return fn(txn)
         except lmdb.MapFullError as exc:
             # Refused, not down: the store answers, it has no room for this value.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import threading
 
-from ..backends import BackendError, BackendRefused, BackendTimeout
 from ..counters import CacheStats
 
 logger = logging.getLogger("memoshare")
@@ -22,45 +21,6 @@ def _human(n: float) -> str:
 def _count(stats: CacheStats, name: str, n: int) -> None:
     for _ in range(n):
         stats.count(name)
-
-
-# -- health of the store ---------------------------------------------------------------------------
-class _Health:
-    """Counts store failures and warns once per outage, as the decorator does."""
-
-    def __init__(self, name: str, stats: CacheStats, strict: bool) -> None:
-        self.name = name
-        self.stats = stats
-        self.strict = strict
-        self.failing = False
-        self.warned_refused = False
-
-    def failed(self, exc: BackendError, what: str) -> None:
-        self.stats.count("timeouts" if isinstance(exc, BackendTimeout) else "errors")
-        if self.strict:
-            raise exc
-        if isinstance(exc, BackendRefused):  # the store is up: no outage, just these values
-            if not self.warned_refused:
-                self.warned_refused = True
-                logger.warning(
-                    "memoshare: %s: the store refused to %s samples (%s)", self.name, what, exc
-                )
-            return
-        if not self.failing:
-            self.failing = True
-            logger.warning(
-                "memoshare: %s cannot %s its cache (%s); samples go on uncached until the "
-                "store answers again",
-                self.name,
-                what,
-                exc,
-            )
-
-    def ok(self) -> None:
-        if self.failing:
-            self.failing = False
-            self.stats.count("reconnects")
-            logger.warning("memoshare: %s reaches its cache again", self.name)
 
 
 class _Sizes:

@@ -17,7 +17,8 @@ from ..stampede import LEASE_SUFFIX
 from .bookkeeping import _count
 
 if TYPE_CHECKING:
-    from .bookkeeping import _Health, _Known, _Sizes
+    from ..health import StoreHealth
+    from .bookkeeping import _Known, _Sizes
 
 logger = logging.getLogger("memoshare")
 
@@ -47,7 +48,7 @@ class _WriteBuffer:
     def __init__(
         self,
         backend: Backend,
-        health: _Health,
+        health: StoreHealth,
         sizes: _Sizes,
         known: _Known | None,
         capacity: int,

@@ -15,9 +15,10 @@ from typing import Any
 from .. import serialization, storage
 from ..backends import Backend, BackendError, make_backend
 from ..counters import CacheStats
+from ..health import StoreHealth
 from ..keys import check_namespace, value_digest
 from ..stampede import compute_once
-from .bookkeeping import _count, _Health, _human, _Known, _Sizes
+from .bookkeeping import _count, _human, _Known, _Sizes
 from .buffer import RETRY_PAUSES, _flusher, _LeaseRelay, _WriteBuffer
 from .codec import _dumps_sample
 
@@ -122,7 +123,7 @@ class _SampleCache:
     # -- runtime state (rebuilt after unpickling) ----------------------------------------------
     def _start(self) -> None:
         self.stats = CacheStats()
-        self.health = _Health(self.label, self.stats, self.strict)
+        self.health = StoreHealth(self.label, self.stats, self.strict)
         self.sizes = _Sizes(self.label, self.log_every)
         self.known = _Known(self.length) if self.length is not None else None
         can_list = type(self.backend).keys is not Backend.keys

@@ -225,3 +225,22 @@ def test_exists_many(any_backend):
     any_backend.set("gone", b"1", expire=1)
     assert any_backend.exists_many(["a", "b", "c"]) == {"a", "b"}
     assert any_backend.exists_many([]) == set()
+
+
+def test_memcached_silent_server_times_out(own_memcached):
+    import signal
+
+    from memoshare import BackendTimeout
+
+    store = MemcachedBackend(own_memcached.address, timeout=0.5, retry_interval=0.1)
+    store.set("k", b"1")  # connected
+    own_memcached.proc.send_signal(signal.SIGSTOP)  # up, but never answers
+    try:
+        start = time.monotonic()
+        with pytest.raises(BackendTimeout):
+            store.get("k")
+        assert 0.3 < time.monotonic() - start < 3.0
+    finally:
+        own_memcached.proc.send_signal(signal.SIGCONT)
+    time.sleep(0.2)
+    assert store.get("k") == b"1"  # reconnects after the back-off interval

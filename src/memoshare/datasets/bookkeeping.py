@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import threading
 
-from ..counters import CacheStats
-
 logger = logging.getLogger("memoshare")
 
 
@@ -16,11 +14,6 @@ def _human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"  # pragma: no cover - loop always returns
-
-
-def _count(stats: CacheStats, name: str, n: int) -> None:
-    for _ in range(n):
-        stats.count(name)
 
 
 class _Sizes:

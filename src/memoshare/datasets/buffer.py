@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 from .. import storage
 from ..backends import Backend, BackendError, BackendRefused
 from ..stampede import LEASE_SUFFIX
-from .bookkeeping import _count
 
 if TYPE_CHECKING:
     from ..health import StoreHealth
@@ -182,7 +181,7 @@ class _WriteBuffer:
                 if entry.lease is not None:
                     leases.append(entry.lease)
                     entry.lease = None
-        _count(self.health.stats, "sets", len(batch))
+        self.health.stats.count("sets", len(batch))
         self.sizes.add(len(batch), sum(len(e.payload) for e in batch.values()))
         if self.known is not None:
             for entry in batch.values():

@@ -18,7 +18,7 @@ from ..counters import CacheStats
 from ..health import StoreHealth
 from ..keys import check_namespace, value_digest
 from ..stampede import compute_once
-from .bookkeeping import _count, _human, _Known, _Sizes
+from .bookkeeping import _human, _Known, _Sizes
 from .buffer import RETRY_PAUSES, _flusher, _LeaseRelay, _WriteBuffer
 from .codec import _dumps_sample
 
@@ -268,7 +268,7 @@ class _SampleCache:
             hits += 1
             if bits is not None:
                 bits[index >> 3] |= 1 << (index & 7)
-        _count(self.stats, "hits", hits)
+        self.stats.count("hits", hits)
         return found
 
     def present(self, key: str) -> bool:

@@ -326,6 +326,55 @@ def test_shared_stats_can_be_turned_off(disk_backend):
     assert memoshare.stats(disk_backend, namespace="private") == []
 
 
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_shared_stats_of_pool_workers_ended_by_terminate(disk_backend, start_method):
+    # A closure is pickled by value: every task chunk rebuilds (then drops) its own copy, and
+    # `with Pool()` ends the workers with SIGTERM well before the flush interval.
+    def make(k):  # type: ignore[no-untyped-def]
+        @memoize(disk_backend, namespace=f"pool-{start_method}")
+        def scale(x):
+            return k * x
+
+        return scale
+
+    scale = make(3)
+    with mp.get_context(start_method).Pool(2) as pool:
+        assert pool.map(scale, range(60), chunksize=5) == [3 * x for x in range(60)]
+    (row,) = memoshare.stats(disk_backend, namespace=f"pool-{start_method}")
+    assert (row.calls, row.misses, row.sets) == (60, 60, 60)
+
+
+def test_shared_stats_of_a_collected_function_are_flushed(disk_backend):
+    def job():  # type: ignore[no-untyped-def]
+        @memoize(disk_backend, namespace="gone")
+        def square(x):
+            return x * x
+
+        for i in range(6):
+            square(i % 2)
+
+    job()  # the function is garbage now; its counts were never flushed
+    memoshare.flush_stats()
+    (row,) = memoshare.stats(disk_backend, namespace="gone")
+    assert (row.hits, row.misses) == (4, 2)
+
+
+def test_shared_stats_count_every_call_across_a_reset(disk_backend):
+    @memoize(disk_backend, namespace="reset")
+    def ident(x):
+        return x
+
+    for _ in range(4):
+        ident(0)  # 1 miss, 3 hits
+    memoshare.flush_stats()
+    ident.stats.reset()
+    for _ in range(10):
+        ident(0)  # 10 hits: more than before the reset
+    memoshare.flush_stats()
+    (row,) = memoshare.stats(disk_backend, namespace="reset")
+    assert (row.hits, row.misses) == (13, 1)
+
+
 # -- load ---------------------------------------------------------------------------------------
 def _load_worker(fn, seed: int, calls: int, out) -> None:  # type: ignore[no-untyped-def]
     rng = random.Random(seed)

@@ -39,7 +39,7 @@ class CacheStats:
     it may be lost. Compare snapshots with ``==``; :meth:`snapshot` freezes the figures.
     """
 
-    __slots__ = tuple(f"_{name}" for name in _FIELDS)
+    __slots__ = (*(f"_{name}" for name in _FIELDS), "_retired")
 
     def __init__(self, **values: int) -> None:
         unknown = set(values) - set(_FIELDS)
@@ -47,6 +47,9 @@ class CacheStats:
             raise TypeError(f"unknown CacheStats fields: {sorted(unknown)}")
         for name in _FIELDS:
             object.__setattr__(self, f"_{name}", itertools.count(int(values.get(name, 0))))
+        # What reset() took away, so that totals since creation stay monotonic (shared stats
+        # add the increase of those totals to the store).
+        self._retired = dict.fromkeys(_FIELDS, 0)
 
     def count(self, name: str, n: int = 1) -> None:
         """Add ``n`` (default 1) to the counter ``name`` (one of the attributes above)."""
@@ -61,7 +64,12 @@ class CacheStats:
     def reset(self) -> None:
         """Set every counter back to 0."""
         for name in _FIELDS:
+            self._retired[name] += _value(getattr(self, f"_{name}"))
             object.__setattr__(self, f"_{name}", itertools.count())
+
+    def _lifetime(self) -> dict[str, int]:
+        """Counts since creation, resets included: they never go down."""
+        return {name: self._retired[name] + value for name, value in self.asdict().items()}
 
     def snapshot(self) -> StatsSnapshot:
         """The current figures, frozen."""

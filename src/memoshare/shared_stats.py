@@ -4,8 +4,11 @@ Each process counts calls locally in the function's :class:`~memoshare.CacheStat
 trip, no lock on a hit) and a background thread adds the increase since its last flush to
 counters in the store with atomic ``incr``, every :data:`FLUSH_INTERVAL` seconds, at interpreter
 exit, when a ``multiprocessing`` child (a DataLoader or Pool worker) exits, and when you call
-:func:`flush_stats`. So the totals read from anywhere lag the truth by at most one interval,
-plus whatever a process that was killed (``SIGKILL``) had not flushed yet.
+:func:`flush_stats`. A multiprocessing child also flushes when it is ended with SIGTERM
+(``Pool.terminate``, so the end of ``with Pool() as pool:``), if nobody else handles that
+signal. The counts of a function that is garbage-collected are flushed with the next batch.
+So the totals read from anywhere lag the truth by at most one interval, plus whatever a
+process killed otherwise (``SIGKILL``, the OOM killer) had not flushed yet.
 
 Keys (per namespace): ``<ns>:~stats:<function id>:<field>`` for the counters and
 ``<ns>:~stats:index`` listing the functions; ``~memoshare:namespaces`` lists the namespaces.
@@ -19,6 +22,7 @@ import atexit
 import logging
 import multiprocessing.util
 import os
+import signal
 import threading
 import time
 import weakref
@@ -38,6 +42,8 @@ FIELDS = ("hits", "misses", "sets", "errors", "timeouts", "reconnects")
 NAMESPACES_KEY = "~memoshare:namespaces"
 #: Seconds between two flushes of the background thread (env ``MEMOSHARE_STATS_INTERVAL``).
 FLUSH_INTERVAL = float(os.environ.get("MEMOSHARE_STATS_INTERVAL", "5"))
+#: Seconds a multiprocessing child killed by SIGTERM waits for its last flush.
+SIGTERM_WAIT = 2.0
 
 
 def _counter_key(namespace: str, fn_id: str, field: str) -> str:
@@ -64,35 +70,50 @@ def _append_line(backend: Backend, key: str, line: str) -> None:
 
 
 class _Tracked:
-    __slots__ = ("function", "baseline", "indexed")
+    """What the flusher needs of one function; no reference to the function itself, so that
+    the counts of a function collected before the next flush (a copy unpickled for one Pool
+    task chunk, say) are still flushed."""
+
+    __slots__ = ("stats", "backend", "namespace", "fn_id", "name", "baseline", "indexed", "alive")
 
     def __init__(self, function: MemoizedFunction[Any, Any]) -> None:
-        self.function = weakref.ref(function)
-        self.baseline = function.stats.asdict()  # an unpickled/forked copy starts from here
+        self.stats = function.stats
+        self.backend = function.backend
+        self.namespace = function.namespace
+        self.fn_id = function._memoshare_digest.hex()[:16]
+        self.name = function.__qualname__
+        self.baseline = self.stats._lifetime()  # an unpickled/forked copy starts from here
         self.indexed = False
+        self.alive = True
+
+    def retire(self) -> None:
+        # Called by the garbage collector: no lock, only a flag the next flush reads.
+        self.alive = False
 
 
 class _Flusher:
     """The process-wide set of functions whose counts go to the store."""
 
     def __init__(self) -> None:
-        self._tracked: dict[int, _Tracked] = {}
+        self._tracked: list[_Tracked] = []
         self._lock = threading.Lock()
-        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._at_exit_registered = False
+        self._reset_requests()
+
+    def _reset_requests(self) -> None:
+        # Flushes asked of the background thread (by the SIGTERM handler) and done by it.
+        self._requests = threading.Condition()
+        self._requested = self._completed = 0
+        self._flushing: int | None = None  # the thread inside flush()
+        self._deferred_signal: int | None = None
 
     def track(self, function: MemoizedFunction[Any, Any]) -> None:
         entry = _Tracked(function)
-        weakref.finalize(function, self._forget, id(function))
+        weakref.finalize(function, entry.retire)
         with self._lock:
-            self._tracked[id(function)] = entry
+            self._tracked.append(entry)
             self._ensure_running()
-
-    def _forget(self, ident: int) -> None:
-        # No lock: this runs from the garbage collector, possibly inside a section holding it.
-        # dict.pop is atomic, and flush() iterates over a copy.
-        self._tracked.pop(ident, None)
 
     def _ensure_running(self) -> None:
         if not self._at_exit_registered:
@@ -102,39 +123,85 @@ class _Flusher:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="memoshare-stats", daemon=True)
             self._thread.start()
+        self.flush_on_sigterm()
 
     def register_exit_flush(self) -> None:
         """Flush when a multiprocessing child exits: it leaves through ``os._exit``, which
         skips atexit, but runs the finalizers that have an exit priority."""
         multiprocessing.util.Finalize(None, self.flush, exitpriority=100)
 
+    def flush_on_sigterm(self) -> None:
+        """In a multiprocessing child, flush before dying of SIGTERM, which is how
+        ``Pool.terminate`` (and so ``with Pool() as pool:``) ends its workers.
+
+        Only where SIGTERM still has its default action, and only from the main thread
+        (Python's rule for signal handlers); the handler dies of the signal as before.
+        """
+        # A spawned child imports the parent's main module (and so decorates its functions)
+        # before parent_process() is set; multiprocessing itself knows it by _inheriting.
+        in_child = multiprocessing.parent_process() is not None or getattr(
+            multiprocessing.current_process(), "_inheriting", False
+        )
+        if (
+            in_child
+            and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        ):
+            signal.signal(signal.SIGTERM, self._flush_and_die)
+
+    def _flush_and_die(self, signum: int, frame: object) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+        if self._flushing == threading.get_ident():
+            # Stopped inside a flush (the exit flush, typically): let it finish, then die.
+            self._deferred_signal = signum
+            return
+        # The flush runs on the background thread: this (main) thread may have been stopped
+        # inside a store operation, whose connection or write lock it cannot use again.
+        with self._requests:
+            self._requested += 1
+            wanted = self._requested
+            self._requests.notify_all()
+            self._requests.wait_for(lambda: self._completed >= wanted, timeout=SIGTERM_WAIT)
+        os.kill(os.getpid(), signum)
+
     def _run(self) -> None:
-        while not self._wake.wait(FLUSH_INTERVAL):
+        while True:
+            with self._requests:
+                self._requests.wait_for(
+                    lambda: self._requested > self._completed, timeout=FLUSH_INTERVAL
+                )
+                wanted = self._requested
             self.flush()
+            with self._requests:
+                self._completed = wanted
+                self._requests.notify_all()
 
     def flush(self) -> None:
         with self._lock:
-            tracked = list(self._tracked.values())
-            for entry in tracked:
-                function = entry.function()
-                if function is not None:
-                    self._flush_one(function, entry)
+            self._flushing = threading.get_ident()
+            try:
+                keep = []
+                for entry in self._tracked:
+                    alive = entry.alive  # read first: a function counts nothing once gone
+                    if not self._flush_one(entry) or alive:
+                        keep.append(entry)  # dropped once gone and its last counts stored
+                self._tracked = keep
+            finally:
+                self._flushing = None
+        if self._deferred_signal is not None:
+            os.kill(os.getpid(), self._deferred_signal)
 
-    def _flush_one(self, function: MemoizedFunction[Any, Any], entry: _Tracked) -> None:
-        current = function.stats.asdict()
-        for f in FIELDS:
-            if current[f] < entry.baseline[f]:  # stats.reset() since the last flush
-                entry.baseline[f] = 0
+    def _flush_one(self, entry: _Tracked) -> bool:
+        """Add the increase since the last flush to the store; False if that failed."""
+        current = entry.stats._lifetime()
         delta = {f: current[f] - entry.baseline[f] for f in FIELDS}
-        if not any(d > 0 for d in delta.values()):
-            entry.baseline = current  # nothing new (or the counters were reset)
-            return
-        backend, namespace = function.backend, function.namespace
-        fn_id = function._memoshare_digest.hex()[:16]
+        if not any(delta.values()):
+            return True
+        backend, namespace, fn_id = entry.backend, entry.namespace, entry.fn_id
         try:
             if not entry.indexed:
                 _append_line(backend, NAMESPACES_KEY, namespace)
-                _append_line(backend, _index_key(namespace), f"{fn_id}\t{function.__qualname__}")
+                _append_line(backend, _index_key(namespace), f"{fn_id}\t{entry.name}")
                 entry.indexed = True
             for field, increase in delta.items():
                 if increase > 0:
@@ -143,18 +210,18 @@ class _Flusher:
         except Exception as exc:  # noqa: BLE001 - counts are kept for the next flush
             # Whatever the store or its client raise (redis-py closing its socket at exit
             # raises ValueError), statistics must never break the program or the flusher.
-            logger.debug("memoshare: shared stats of %s not flushed: %s", function, exc)
+            logger.debug("memoshare: shared stats of %s not flushed: %s", entry.name, exc)
+            return False
+        return True
 
     def after_fork_in_child(self) -> None:
         # The child counts only its own calls from here on; the parent flushes what it had.
         self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._reset_requests()
         self._thread = None
         self._at_exit_registered = False  # multiprocessing clears its finalizers in children
-        for entry in list(self._tracked.values()):
-            function = entry.function()
-            if function is not None:
-                entry.baseline = function.stats.asdict()
+        for entry in self._tracked:
+            entry.baseline = entry.stats._lifetime()
         if self._tracked:
             self._ensure_running()
 
@@ -164,7 +231,14 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_flusher.after_fork_in_child)
 # A multiprocessing child clears the finalizer registry after the fork hooks ran: register the
 # exit flush again (the fork hook above has already reset the rest and started the thread).
-multiprocessing.util.register_after_fork(_flusher, lambda flusher: flusher.register_exit_flush())
+# Only now is multiprocessing.parent_process() set, which flush_on_sigterm asks.
+def _in_multiprocessing_child(flusher: _Flusher) -> None:
+    flusher.register_exit_flush()
+    if flusher._tracked:
+        flusher.flush_on_sigterm()
+
+
+multiprocessing.util.register_after_fork(_flusher, _in_multiprocessing_child)
 
 
 def track(function: MemoizedFunction[Any, Any]) -> None:

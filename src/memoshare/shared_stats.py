@@ -229,6 +229,8 @@ class _Flusher:
 _flusher = _Flusher()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_flusher.after_fork_in_child)
+
+
 # A multiprocessing child clears the finalizer registry after the fork hooks ran: register the
 # exit flush again (the fork hook above has already reset the rest and started the thread).
 # Only now is multiprocessing.parent_process() set, which flush_on_sigterm asks.

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from memoshare import BackendError, DiskBackend, MemcachedBackend, memoize, storage
+from memoshare import BackendError, BackendTimeout, DiskBackend, MemcachedBackend, memoize, storage
 from memoshare.serialization import loads
 
 RETRY = 0.1
@@ -205,3 +205,30 @@ def test_disk_entries_are_never_half_written(tmp_path):
     assert info["items"] == len(every_key)  # the bookkeeping was committed with the data
     assert info["bytes"] == sum(len(store.get(k)) for k in every_key)
     assert info["bytes"] <= 48 << 20
+
+
+def test_an_outage_of_writes_only_warns_once_and_ends_with_a_write(tmp_path, caplog):
+    class WritesTimeOut(DiskBackend):  # a real store whose writes time out while `down`
+        down = True
+
+        def set(self, key, value, expire=None):  # type: ignore[no-untyped-def]
+            if self.down:
+                raise BackendTimeout("write timed out")
+            return super().set(key, value, expire)
+
+    backend = WritesTimeOut(tmp_path / "store")
+
+    @memoize(backend, stampede=False, shared_stats=False)
+    def double(x):
+        return 2 * x
+
+    for i in range(5):
+        assert double(i) == 2 * i  # each read succeeds, each write times out
+    assert double.stats.timeouts == 5 and double.stats.sets == 0
+    assert double.stats.reconnects == 0  # a successful read does not end a write outage
+    assert len(memoshare_warnings(caplog)) == 1
+    backend.down = False
+    assert double(7) == 14
+    assert double.stats.sets == 1 and double.stats.reconnects == 1
+    assert double(7) == 14 and double.stats.hits == 1
+    assert len(memoshare_warnings(caplog)) == 1

@@ -536,3 +536,122 @@ def test_recursive_memoized_function_keeps_its_keys_when_redefined(memory_backen
         keys.append(namespace["fib"].cache_key(10))
     assert keys[0] == keys[1] == keys[2]
     assert namespace["fib"](20) == 6765
+
+
+# -- review findings: calls that must never share an entry ---------------------------------------
+def test_zero_dimensional_arrays_and_scalars_are_not_one_element_arrays(memory_backend):
+    @memoize(memory_backend)
+    def ndim(x):
+        return np.ndim(x), type(x).__name__
+
+    assert ndim(np.float64(2.0)) == (0, "float64")
+    assert ndim(np.array(2.0)) == (0, "ndarray")
+    assert ndim(np.array([2.0])) == (1, "ndarray")
+    assert ndim.stats.misses == 3
+
+
+def test_closures_over_objects_holding_a_lock_still_differ(memory_backend):
+    class Model:
+        def __init__(self, k):
+            self.k = k
+            self.lock = threading.Lock()  # makes the object impossible to pickle
+
+    def make(model):
+        @memoize(memory_backend)
+        def predict(x):
+            return x * model.k
+
+        return predict
+
+    assert make(Model(1))(5) == 5
+    assert make(Model(2))(5) == 10
+
+
+def test_copyreg_reduced_objects_are_encoded_like_pickle_does():
+    import re
+
+    sin = compile_fn("from numpy import sin as op\ndef f(x):\n    return op(x)")
+    cos = compile_fn("from numpy import cos as op\ndef f(x):\n    return op(x)")
+    assert function_digest(sin) != function_digest(cos)
+    a = compile_fn("def f(s):\n    return PAT.match(s)", PAT=re.compile("a+"))
+    b = compile_fn("def f(s):\n    return PAT.match(s)", PAT=re.compile("b+"))
+    assert function_digest(a) != function_digest(b)
+
+    def apply(x, op=np.add):  # a ufunc as a default and as an argument
+        return op(x, x)
+
+    assert key(apply, 1) == key(apply, 1, np.add) != key(apply, 1, np.multiply)
+    assert key(identity, re.compile("a+")) != key(identity, re.compile("b+"))
+
+
+def test_c_wrappers_are_keyed_by_the_function_they_wrap(memory_backend):
+    def f1(x):
+        return x + 1
+
+    def f2(x):
+        return x * 100
+
+    assert memoize(memory_backend)(functools.lru_cache(f1))(3) == 4
+    assert memoize(memory_backend)(functools.lru_cache(f2))(3) == 300
+    assert memoize(memory_backend)(staticmethod(f1))(3) == 4
+    assert memoize(memory_backend)(staticmethod(f2))(3) == 300
+
+
+def test_version_of_a_partial_includes_its_function_and_arguments(memory_backend):
+    def f(a, x):
+        return a + x
+
+    def g(a, x):
+        return a * x
+
+    def pinned(fn):
+        return memoize(memory_backend, version="1")(fn)
+
+    assert pinned(functools.partial(f, 1))(5) == 6
+    assert pinned(functools.partial(g, 10))(5) == 50
+    assert pinned(functools.partial(f, 2))(5) == 7
+    assert pinned(functools.partial(f, 1))(5) == 6 and len(memory_backend.keys()) == 3
+
+
+def test_a_helper_defined_below_the_function_is_part_of_its_key(memory_backend):
+    source = """
+        @memoize(backend)
+        def f(x):
+            return helper(x)
+
+        def helper(x):
+            return x + {inc}
+    """
+    for inc in (1, 2, 3):
+        f = compile_fn(source.format(inc=inc), memoize=memoize, backend=memory_backend)
+        assert f(10) == 10 + inc  # each edit of the helper is a new entry
+        assert f(10) == 10 + inc and f.stats.hits == 1
+
+
+def test_methods_reached_through_self_are_part_of_the_key(memory_backend):
+    source = """
+        class Model:
+            def __init__(self, k):
+                self.k = k
+
+            @memoize(backend)
+            def score(self, x):
+                return self._transform(x) * self.k
+
+            def _transform(self, x):
+                return x + {inc}
+    """
+    for inc in (1, 2):
+        model = compile_fn(source.format(inc=inc), "Model", memoize=memoize, backend=memory_backend)
+        assert model(1).score(10) == 10 + inc
+        assert model(1).score(10) == 10 + inc and model.score.stats.hits == 1
+
+
+def test_dict_subclasses_are_canonical_like_dicts():
+    from collections import Counter, defaultdict
+
+    a, b = defaultdict(list), defaultdict(list)
+    a["x"], a["y"] = [1], [2]
+    b["y"], b["x"] = [2], [1]
+    assert value_digest(a) == value_digest(b) != value_digest(dict(a))
+    assert value_digest(Counter("abc")) == value_digest(Counter("cba"))

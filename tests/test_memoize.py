@@ -647,3 +647,29 @@ def test_stochastic_function_returning_a_list(memory_backend):
 
     for _ in range(5):
         assert list(pair(0)) == [1.0, 3.0]
+
+
+def test_a_chunked_hit_reads_the_manifest_once(memcached_backend):
+    class Counting(MemcachedBackend):
+        def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            super().__init__(*args, **kwargs)
+            self.trips: list[str] = []
+
+        def get(self, key):  # type: ignore[no-untyped-def]
+            self.trips.append("get")
+            return super().get(key)
+
+        def get_many(self, keys):  # type: ignore[no-untyped-def]
+            self.trips.append("get_many")
+            return super().get_many(keys)
+
+    backend = Counting(memcached_backend.servers, max_item_size=64 << 10)
+
+    @memoize(backend, shared_stats=False)
+    def big(n):
+        return np.arange(n, dtype=np.int64)  # 8 bytes each: several chunks
+
+    assert (big(100_000) == np.arange(100_000)).all()
+    backend.trips.clear()
+    assert (big(100_000) == np.arange(100_000)).all() and big.stats.hits == 1
+    assert backend.trips == ["get", "get_many"]  # the manifest, then all its chunks

@@ -17,17 +17,24 @@ __all__ = ["StoreHealth"]
 
 logger = logging.getLogger("memoshare")
 
+# Operations that only read (leases, updates and the rest write): a successful read ends an
+# outage that one of them started.
+_READS = frozenset({"read"})
+
 
 class StoreHealth:
     """The failure state of one cache user (a memoized function, a dataset cache)."""
 
-    __slots__ = ("name", "stats", "strict", "failing", "warned_refused")
+    __slots__ = ("name", "stats", "strict", "failing", "writes_only", "warned_refused")
 
     def __init__(self, name: str, stats: CacheStats, strict: bool) -> None:
         self.name = name
         self.stats = stats
         self.strict = strict
         self.failing = False
+        # An outage seen only by writes (a read-only directory, large writes timing out) is not
+        # over when a read succeeds: only a successful write ends it.
+        self.writes_only = False
         self.warned_refused = False
 
     def failed(self, exc: BackendError, what: str) -> None:
@@ -46,8 +53,12 @@ class StoreHealth:
                     exc,
                 )
             return
-        if not self.failing:
+        is_write = what not in _READS
+        if self.failing:
+            self.writes_only = self.writes_only and is_write
+        else:
             self.failing = True
+            self.writes_only = is_write
             logger.warning(
                 "memoshare: %s cannot %s its cache (%s); it goes on uncached until the store "
                 "answers again",
@@ -57,8 +68,17 @@ class StoreHealth:
             )
 
     def ok(self) -> None:
-        """The store answered: end an outage (counted in ``reconnects``)."""
+        """A read succeeded: end an outage (counted in ``reconnects``), unless only writes
+        failed."""
+        if self.failing and not self.writes_only:
+            self._recovered()
+
+    def write_ok(self) -> None:
+        """A write succeeded: end any outage."""
         if self.failing:
-            self.failing = False
-            self.stats.count("reconnects")
-            logger.info("memoshare: %s reaches its cache again", self.name)
+            self._recovered()
+
+    def _recovered(self) -> None:
+        self.failing = self.writes_only = False
+        self.stats.count("reconnects")
+        logger.info("memoshare: %s reaches its cache again", self.name)

@@ -19,6 +19,9 @@ a ``list`` and a ``tuple`` with the same items are different keys.
 
 from __future__ import annotations
 
+import collections
+import copyreg
+import dis
 import functools
 import hashlib
 import inspect
@@ -58,6 +61,12 @@ def _name(obj: Any) -> str:
     return f"{_module(obj)}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
 
 
+def _memo_digest(obj: Any) -> bytes | None:
+    """The function part of a memoized function (None for anything else, its class included)."""
+    digest = getattr(obj, "_memoshare_digest", None)
+    return digest if isinstance(digest, bytes) else None
+
+
 def _bound_to_instance(fn: Any) -> bool:
     """Whether a builtin function is a method bound to an object (``d.get``, ``[].append``)."""
     owner = getattr(fn, "__self__", None)
@@ -83,11 +92,14 @@ def check_namespace(namespace: str) -> str:
 class _Hasher:
     """A canonical encoder feeding a blake2b object."""
 
-    __slots__ = ("h", "_stack")
+    __slots__ = ("h", "_stack", "pending")
 
     def __init__(self, h: Any) -> None:
         self.h = h
         self._stack: list[int] = []  # ids of the containers being encoded, for cycles
+        # The function part named something not defined yet (a helper below the function, the
+        # class a method is defined in): the digest must be taken again once it exists.
+        self.pending = False
 
     def tag(self, tag: bytes, data: bytes | memoryview = b"") -> None:
         if len(data) < 4096:
@@ -106,6 +118,7 @@ class _Hasher:
             encode(self, obj)
             return
         if isinstance(obj, np.generic):
+            self.tag(b"npscalar")  # np.float64(2) and np.array(2.0) are different arguments
             self.array(np.asarray(obj))
         elif isinstance(obj, types.FunctionType | functools.partial | types.MethodType):
             self.tag(b"fn", function_digest(obj))
@@ -117,8 +130,8 @@ class _Hasher:
             self.text(b"bif", _name(obj))
             if _bound_to_instance(obj):  # d1.get and d2.get are different functions
                 self.value(obj.__self__)
-        elif hasattr(obj, "_memoshare_digest"):
-            self.tag(b"memo", obj._memoshare_digest)
+        elif _memo_digest(obj) is not None:
+            self.tag(b"memo", _memo_digest(obj))
         else:
             self.reduced(obj)
 
@@ -161,17 +174,21 @@ class _Hasher:
             items = arr.ravel(order="C").tolist()  # a list even for a 0-d array
             self.container(b"oitems", items, items)
             return
+        shape = arr.shape  # before ascontiguousarray, which makes a 0-d array 1-d
         arr = np.ascontiguousarray(arr)
         dtype = arr.dtype
         spec = dtype.str if dtype.fields is None else repr(dtype.descr)
-        self.text(b"arr", f"{spec}{arr.shape}")
+        self.text(b"arr", f"{spec}{shape}")
         data = memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
         self.tag(b"data", data)
 
     def reduced(self, obj: Any) -> None:
         """Encode any other object through the parts ``pickle`` would rebuild it from."""
         try:
-            reduced = obj.__reduce_ex__(5)
+            # As pickle does: a reducer registered with copyreg (numpy ufuncs, re.Pattern, ...)
+            # comes first.
+            reducer = copyreg.dispatch_table.get(type(obj))
+            reduced = reducer(obj) if reducer is not None else obj.__reduce_ex__(5)
         except Exception as exc:
             raise TypeError(f"{type(obj).__qualname__} object cannot be pickled: {exc}") from exc
         if isinstance(reduced, str):  # a global, pickled by reference
@@ -193,8 +210,14 @@ class _Hasher:
             self.value(args)
             self.value(state)
             self.value(None if list_items is None else list(list_items))
-            # In order: OrderedDicts that differ only in order are different values.
-            self.value(None if dict_items is None else list(dict_items))
+            if dict_items is None:
+                self.tag(b"none")
+            elif isinstance(obj, collections.OrderedDict):
+                # In order: OrderedDicts that differ only in order are different values.
+                self.value(list(dict_items))
+            else:  # a dict subclass (defaultdict, ...): equal as dicts, one key
+                items = list(dict_items)
+                self.unordered(b"ditems", items, items)
         finally:
             self._stack.pop()
 
@@ -251,6 +274,15 @@ def _code_names(code: types.CodeType) -> set[str]:
     return names
 
 
+def _global_loads(code: types.CodeType) -> set[str]:
+    """Names the code reads as globals (co_names also holds attribute names)."""
+    names = {i.argval for i in dis.get_instructions(code) if i.opname == "LOAD_GLOBAL"}
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_loads(const)
+    return names
+
+
 def _feed_code(hasher: _Hasher, code: types.CodeType) -> None:
     hasher.tag(b"code", code.co_code)
     hasher.tag(b"exc", getattr(code, "co_exceptiontable", b""))
@@ -275,11 +307,12 @@ def _feed_code(hasher: _Hasher, code: types.CodeType) -> None:
 
 
 def _feed_global(hasher: _Hasher, value: Any, module: str, seen: set[int]) -> None:
-    """Encode a global the code refers to: what it *is*, as cheaply as that can be told."""
+    """Encode a global or closure value the code refers to: what it *is*, as cheaply as that
+    can be told."""
     if isinstance(value, types.ModuleType):
         hasher.text(b"mod", value.__name__)
-    elif hasattr(value, "_memoshare_digest"):
-        hasher.tag(b"memo", value._memoshare_digest)
+    elif _memo_digest(value) is not None:
+        hasher.tag(b"memo", _memo_digest(value))
     elif isinstance(value, types.FunctionType):
         if value.__module__ == module and id(value) not in seen:
             # A helper of the same module: its code is part of what the function computes.
@@ -305,8 +338,29 @@ def _feed_global(hasher: _Hasher, value: Any, module: str, seen: set[int]) -> No
             sub.value(value)
             hasher.tag(b"gval", sub.h.digest())
         except (TypeError, RecursionError):
-            # Not encodable (a lock, a connection, ...): only its type is part of the key.
+            # It holds something that cannot be encoded (a lock, a socket): its type and the
+            # attributes that can be, so that make(Model(1)) and make(Model(2)) still differ.
             hasher.text(b"gtype", _name(type(value)))
+            _feed_attributes(hasher, value, depth=3)
+
+
+def _feed_attributes(hasher: _Hasher, obj: Any, depth: int) -> None:
+    """Encode the attributes of ``obj`` that can be encoded, and the type of the others."""
+    try:
+        attributes = sorted(vars(obj).items())
+    except TypeError:  # no __dict__
+        return
+    for name, value in attributes:
+        sub = _Hasher(hashlib.blake2b(digest_size=16))
+        try:
+            sub.value(value)
+        except (TypeError, RecursionError):
+            hasher.text(b"attrtype", f"{name}:{_name(type(value))}")
+            if depth > 1:
+                _feed_attributes(hasher, value, depth - 1)
+        else:
+            hasher.text(b"attr", name)
+            hasher.tag(b"val", sub.h.digest())
 
 
 _ABSENT = object()
@@ -335,6 +389,10 @@ def _feed_function(hasher: _Hasher, fn: types.FunctionType, seen: set[int]) -> N
             _feed_global(hasher, content, fn.__module__, seen)
     globals_ = fn.__globals__
     builtins_ = globals_.get("__builtins__")
+    builtin_names = builtins_ if isinstance(builtins_, dict) else vars(builtins_ or object)
+    unbound = _global_loads(fn.__code__) - globals_.keys() - builtin_names.keys() - {fn.__name__}
+    if unbound:
+        hasher.pending = True  # a helper defined below the function, say
     for name in sorted(_code_names(fn.__code__)):
         value = globals_.get(name, _ABSENT)
         if name == fn.__name__ and (value is _ABSENT or value is fn or _name(value) == _name(fn)):
@@ -345,10 +403,24 @@ def _feed_function(hasher: _Hasher, fn: types.FunctionType, seen: set[int]) -> N
         elif value is not _ABSENT:
             hasher.text(b"global", name)
             _feed_global(hasher, value, fn.__module__, seen)
-        elif builtins_ is not None and name in (
-            builtins_ if isinstance(builtins_, dict) else vars(builtins_)
-        ):
-            continue  # builtins are the same in every process of one Python version
+        # else: a builtin (the same in every process of one Python version), an attribute name
+        # (co_names holds those too) or a global not bound yet (see `pending` above)
+
+
+def _feed_owner(hasher: _Hasher, fn: types.FunctionType, seen: set[int]) -> None:
+    """For a method, the class it is defined in: its other methods (``self.helper()``) are
+    part of what it computes. Not bound yet while the class body runs: pending then."""
+    path = fn.__qualname__.split(".")[:-1]
+    if not path or "<locals>" in path:
+        return  # a module-level function, or a class inside a function: not reachable
+    owner: Any = fn.__globals__.get(path[0], _ABSENT)
+    for part in path[1:]:
+        owner = getattr(owner, part, _ABSENT)
+    if isinstance(owner, type):
+        hasher.tag(b"owner")
+        _feed_global(hasher, owner, fn.__module__, seen)
+    else:
+        hasher.pending = True
 
 
 def function_digest(fn: Callable[..., Any], digest_size: int = DIGEST_SIZE) -> bytes:
@@ -358,15 +430,23 @@ def function_digest(fn: Callable[..., Any], digest_size: int = DIGEST_SIZE) -> b
     arguments), bound methods (the function and the instance's state) and callable objects
     (the class's ``__call__`` and the instance's state). Computed once per decoration.
     """
+    return digest_and_pending(fn, digest_size)[0]
+
+
+def digest_and_pending(
+    fn: Callable[..., Any], digest_size: int = DIGEST_SIZE
+) -> tuple[bytes, bool]:
+    """:func:`function_digest`, and whether to take it again on the first call (the function
+    names something not defined yet)."""
     hasher = _Hasher(hashlib.blake2b(digest_size=digest_size))
     hasher.text(b"python", "{}.{}".format(*sys.version_info[:2]))
     _feed_callable(hasher, fn, set())
-    return hasher.h.digest()
+    return hasher.h.digest(), hasher.pending
 
 
 def _feed_callable(hasher: _Hasher, fn: Any, seen: set[int]) -> None:
-    if hasattr(fn, "_memoshare_digest"):
-        hasher.tag(b"memo", fn._memoshare_digest)
+    if _memo_digest(fn) is not None:
+        hasher.tag(b"memo", _memo_digest(fn))
     elif isinstance(fn, functools.partial):
         hasher.tag(b"partial")
         _feed_callable(hasher, fn.func, seen)
@@ -378,6 +458,7 @@ def _feed_callable(hasher: _Hasher, fn: Any, seen: set[int]) -> None:
         hasher.value(fn.__self__)
     elif isinstance(fn, types.FunctionType):
         _feed_function(hasher, fn, seen)
+        _feed_owner(hasher, fn, seen)
     elif isinstance(fn, types.BuiltinFunctionType | type):
         hasher.text(b"builtin", _name(fn))
         if _bound_to_instance(fn):
@@ -386,12 +467,39 @@ def _feed_callable(hasher: _Hasher, fn: Any, seen: set[int]) -> None:
         hasher.tag(b"callable")
         _feed_callable(hasher, type(fn).__call__, seen)
         hasher.value(fn)
+    elif callable(fn) and _wrapped(fn) is not None:
+        # A wrapper implemented in C around Python code: lru_cache, staticmethod, numba.
+        hasher.text(b"wrapper", _name(type(fn)))
+        _feed_callable(hasher, _wrapped(fn), seen)
     elif callable(fn):
         # Implemented in C (a numpy ufunc, a Cython function, ...): no code to read, so its
-        # type and name identify it (like a builtin), plus its state if it pickles by value.
-        hasher.text(b"ccallable", f"{_name(type(fn))}:{getattr(fn, '__name__', '')}")
+        # type, module and name identify it (like a builtin), plus its state where it pickles.
+        hasher.text(b"ccallable", f"{_name(type(fn))}:{_name(fn)}:{getattr(fn, '__name__', '')}")
+        state = _Hasher(hashlib.blake2b(digest_size=16))
+        try:
+            state.value(fn)
+        except TypeError:
+            return  # no state to read: the name is all there is
+        hasher.tag(b"state", state.h.digest())
     else:
         raise TypeError(f"cannot memoize {fn!r}: it is not callable")
+
+
+def _wrapped(fn: Any) -> Any:
+    for attr in ("__wrapped__", "__func__", "py_func"):
+        inner = getattr(fn, attr, None)
+        if callable(inner) and inner is not fn:
+            return inner
+    return None
+
+
+def identity(fn: Callable[..., Any]) -> bytes:
+    """What names ``fn`` when its code is not digested (``version=``): module and qualified
+    name, and for a ``functools.partial`` its function and frozen arguments."""
+    if isinstance(fn, functools.partial):
+        return b"partial:" + identity(fn.func) + value_digest((fn.args, fn.keywords))
+    inner = fn.__func__ if isinstance(fn, types.MethodType) else fn
+    return _name(inner).encode()
 
 
 # -- binding arguments ---------------------------------------------------------------------------

@@ -22,9 +22,9 @@ from .health import StoreHealth
 from .keys import (
     DEFAULT_NAMESPACE,
     KeyBuilder,
-    _name,
     check_namespace,
-    function_digest,
+    digest_and_pending,
+    identity,
     value_digest,
 )
 from .moments import Moments
@@ -121,11 +121,14 @@ class MemoizedFunction(Generic[P, R]):
             target, self._self = type(fn).__call__, fn  # a callable object written in Python
         self._target = target
 
+        pending = False
         if _fn_digest is None:
-            _fn_digest = self._compute_digest(fn, target)
-        self._memoshare_digest = _fn_digest
+            _fn_digest, pending = self._compute_digest(fn, target)
+        self._digest = _fn_digest
         self._keys = KeyBuilder(target, namespace, self._ignore_args, _fn_digest)
-        self._key = self._keys.key  # bound once: the hit path looks up fewer attributes
+        # Bound once: the hit path looks up fewer attributes. If the function names something
+        # not defined yet, the first call takes the digest again (see _digest_again).
+        self._key = self._key_after_new_digest if pending else self._keys.key
         self._get = self.backend.get
         self.stats = CacheStats()
         self._warned_unpicklable = False
@@ -138,24 +141,47 @@ class MemoizedFunction(Generic[P, R]):
         self._fn = fn
         self._health = StoreHealth(self.__qualname__, self.stats, strict)
         self.shared_stats = shared_stats
-        if shared_stats:
-            track_shared_stats(self)
+        self._stats_entry = track_shared_stats(self) if shared_stats else None
 
-    def _compute_digest(self, fn: Any, target: Any) -> bytes:
+    def _compute_digest(self, fn: Any, target: Any) -> tuple[bytes, bool]:
+        """The function part of every key, and whether to take it again on first call."""
         import hashlib
 
         h = hashlib.blake2b(digest_size=32)
+        pending = False
         if self._signature is not None:
             sig = self._signature
             h.update(b"signature:" + (sig.encode() if isinstance(sig, str) else bytes(sig)))
         elif self._version is not None:
             # The version is encoded like an argument: 1 and "1" are different versions.
-            h.update(b"version:" + _name(fn).encode() + b":" + value_digest(self._version))
+            h.update(b"version:" + identity(fn) + b":" + value_digest(self._version))
         else:
-            h.update(b"code:" + function_digest(target))
+            code_digest, pending = digest_and_pending(target)
+            h.update(b"code:" + code_digest)
         # The stored format differs between the two modes: never read one as the other.
         h.update(b"moments" if self.allow_repeated_evaluations else b"value")
-        return h.digest()
+        return h.digest(), pending
+
+    @property
+    def _memoshare_digest(self) -> bytes:
+        """The function part of every key (final once the function has been called)."""
+        if self._key == self._key_after_new_digest:
+            self._digest_again()
+        return self._digest
+
+    def _digest_again(self) -> None:
+        # At decoration the function named a global not bound yet (a helper defined below
+        # it) or is a method whose class did not exist yet: both are there by the first call.
+        # Taken once; whatever is still missing then is left out, as for any unbound name.
+        self._digest, _ = self._compute_digest(self._fn, self._target)
+        self._keys = KeyBuilder(self._target, self.namespace, self._ignore_args, self._digest)
+        self._key = self._keys.key
+        if self._stats_entry is not None:
+            self._stats_entry.fn_id = self._digest.hex()[:16]
+
+    def _key_after_new_digest(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        self._digest_again()
+        return self._key(args, kwargs)
 
     # -- calling -------------------------------------------------------------------------------
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -175,7 +201,7 @@ class MemoizedFunction(Generic[P, R]):
                 self._health.ok()
             if data is not None:
                 if is_manifest(data):
-                    found, value = self._lookup(key)  # chunked: the general path
+                    found, value = self._lookup_chunks(key, data)
                 else:
                     found, value = self._decode(key, data)
                 if found:
@@ -196,6 +222,14 @@ class MemoizedFunction(Generic[P, R]):
         if payload is None:
             return False, None
         return self._decode(key, payload)
+
+    def _lookup_chunks(self, key: str, manifest: bytes) -> tuple[bool, Any]:
+        try:
+            payload = storage.read_chunks(self.backend, key, manifest)
+        except BackendError as exc:
+            self._health.failed(exc, "read")
+            return False, None
+        return (False, None) if payload is None else self._decode(key, payload)
 
     def _decode(self, key: str, payload: bytes) -> tuple[bool, Any]:
         try:
@@ -231,6 +265,8 @@ class MemoizedFunction(Generic[P, R]):
         except BackendError as exc:
             self._health.failed(exc, "write")
             return False
+        if self._health.failing:
+            self._health.write_ok()
         self.stats.count("sets")
         return True
 
@@ -252,14 +288,23 @@ class MemoizedFunction(Generic[P, R]):
 
     # -- stampede protection -------------------------------------------------------------------
     def _compute_once(self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
+        stored = False
+
+        def compute() -> Any:
+            nonlocal stored
+            value, elapsed = self._run(args, kwargs)
+            stored = elapsed >= self.time_threshold and self._store(key, value)
+            return value
+
         hit, value = compute_once(
             self.backend,
             key,
             lookup=lambda: self._lookup(key),
-            compute=lambda: self._compute_and_store(key, args, kwargs),
+            compute=compute,
             on_error=self._health.failed,
             lease_timeout=self.lease_timeout,
             wait_timeout=self.wait_timeout,
+            stored=lambda: stored,
         )
         if hit:
             self.stats.count("hits")
@@ -324,7 +369,7 @@ class MemoizedFunction(Generic[P, R]):
         """The store key of the call ``self(*args, **kwargs)`` (nothing is computed)."""
         if self._self is not _NO_SELF:
             args = (self._self, *args)  # type: ignore[assignment]
-        return self._keys.key(args, kwargs)
+        return self._key(args, kwargs)
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
         """Remove the entry of the call ``self(*args, **kwargs)``; return whether it existed."""

@@ -80,7 +80,7 @@ class _Tracked:
         self.stats = function.stats
         self.backend = function.backend
         self.namespace = function.namespace
-        self.fn_id = function._memoshare_digest.hex()[:16]
+        self.fn_id = function._digest.hex()[:16]  # the first call may take it again
         self.name = function.__qualname__
         self.baseline = self.stats._lifetime()  # an unpickled/forked copy starts from here
         self.indexed = False
@@ -108,12 +108,13 @@ class _Flusher:
         self._flushing: int | None = None  # the thread inside flush()
         self._deferred_signal: int | None = None
 
-    def track(self, function: MemoizedFunction[Any, Any]) -> None:
+    def track(self, function: MemoizedFunction[Any, Any]) -> _Tracked:
         entry = _Tracked(function)
         weakref.finalize(function, entry.retire)
         with self._lock:
             self._tracked.append(entry)
             self._ensure_running()
+        return entry
 
     def _ensure_running(self) -> None:
         if not self._at_exit_registered:
@@ -243,9 +244,9 @@ def _in_multiprocessing_child(flusher: _Flusher) -> None:
 multiprocessing.util.register_after_fork(_flusher, _in_multiprocessing_child)
 
 
-def track(function: MemoizedFunction[Any, Any]) -> None:
+def track(function: MemoizedFunction[Any, Any]) -> _Tracked:
     """Send the counts of ``function`` to its store from now on (done by ``memoize``)."""
-    _flusher.track(function)
+    return _flusher.track(function)
 
 
 def flush_stats() -> None:

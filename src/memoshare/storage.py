@@ -22,6 +22,7 @@ __all__ = [
     "MAX_ENTRY_KEY_LENGTH",
     "add_entry",
     "delete_entry",
+    "read_chunks",
     "read_entries",
     "read_entry",
     "read_entry_for_update",
@@ -122,8 +123,13 @@ def read_entry(backend: Backend, key: str) -> bytes | None:
     data = backend.get(key)
     if data is None or not is_manifest(data):
         return data
-    chunk_keys = _manifest_chunk_keys(key, data)
-    return None if chunk_keys is None else _join(data, backend.get_many(chunk_keys), key)
+    return read_chunks(backend, key, data)
+
+
+def read_chunks(backend: Backend, key: str, manifest: bytes) -> bytes | None:
+    """The payload a manifest already read describes, or ``None`` (a chunk missing/corrupt)."""
+    chunk_keys = _manifest_chunk_keys(key, manifest)
+    return None if chunk_keys is None else _join(manifest, backend.get_many(chunk_keys), key)
 
 
 def read_entries(backend: Backend, keys: Iterable[str]) -> dict[str, bytes]:

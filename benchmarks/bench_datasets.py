@@ -16,11 +16,13 @@ Target: a batched cached epoch within 1.5x of raw ``get_many`` per sample.
 Usage::
 
     python benchmarks/bench_datasets.py [--samples 1000] [--batch 64] [--repeat 21] [--tensors]
+                                        [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -187,8 +189,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=21)
     parser.add_argument("--tensors", action="store_true", help="samples hold torch tensors")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
     results = run(args.samples, args.batch, args.repeat, args.tensors)
+    if args.json:  # before report(), which takes "sample bytes" out of the results
+        settings = {"samples": args.samples, "batch": args.batch, "tensors": args.tensors}
+        # results: seconds per epoch (median and best of the repeats), "sample bytes", ratios
+        args.json.write_text(json.dumps({**settings, "results": results}, indent=2))
     report(results, args.samples, args.tensors)
 
 

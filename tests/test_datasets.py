@@ -32,6 +32,7 @@ from memoshare import (
     MemoryBackend,
 )
 from memoshare.datasets import IncompleteCacheError
+from memoshare.datasets.buffer import REFUSED_TRIES
 
 # -- helpers ---------------------------------------------------------------------------------------
 
@@ -99,6 +100,18 @@ class RoundTrips:
         self._count("set_many")
         self.__dict__.setdefault("batches", []).append(len(items))
         return super().set_many(items, expire)  # type: ignore[misc]
+
+    def add(self, key, value, expire=None):  # type: ignore[no-untyped-def]
+        self._count("add")
+        return super().add(key, value, expire)  # type: ignore[misc]
+
+    def delete(self, key):  # type: ignore[no-untyped-def]
+        self._count("delete")
+        return super().delete(key)  # type: ignore[misc]
+
+    def delete_many(self, keys):  # type: ignore[no-untyped-def]
+        self._count("delete_many")
+        return super().delete_many(keys)  # type: ignore[misc]
 
 
 class CountingMemcached(RoundTrips, MemcachedBackend):
@@ -411,14 +424,21 @@ def test_failed_writes_are_retried_counted_reported_and_bounded(
     assert kept.num_cached() == bound
 
 
-def test_refused_writes_are_dropped_counted_and_reported(
+def test_refused_writes_are_retried_then_dropped_counted_and_reported(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     from memoshare.backends.redis import RedisBackend
 
+    class CountingRedis(RedisBackend):
+        """A real Redis; counts how often each key was offered to it."""
+
+        def set_many(self, items, expire=None):  # type: ignore[no-untyped-def]
+            self.__dict__.setdefault("offered", Counter()).update(list(items))
+            return super().set_many(items, expire)
+
     server = start_redis(maxmemory="2mb")
     try:
-        backend = RedisBackend(port=server.port)
+        backend = CountingRedis(port=server.port)
         backend.client.config_set("maxmemory-policy", "noeviction")  # refuse, do not evict
         caplog.set_level(logging.WARNING, logger="memoshare")
         data = SlowDataset(40, nbytes=200_000)
@@ -428,12 +448,57 @@ def test_refused_writes_are_dropped_counted_and_reported(
         ds.flush()
         assert ds.samples_dropped > 0 and ds.samples_cached + ds.samples_dropped == 40
         assert ds.pending == 0 and ds.stats.errors > 0
+        # Retried before being given up: every sample missing from the store was offered to it
+        # REFUSED_TRIES times at least (once, and dropped at once, used to be the rule).
+        missing = [ds.key(i) for i in ds.missing_indices()]
+        assert missing and all(backend.offered[k] >= REFUSED_TRIES for k in missing)
         messages = [r.getMessage() for r in caplog.records]
         assert sum("refused" in m for m in messages) == 1
         assert any("dropped" in m for m in messages)
         assert not any("cannot" in m or "again" in m for m in messages)  # not an outage
     finally:
         server.stop()
+
+
+def test_leases_of_dropped_samples_are_released(tmp_path: Path) -> None:
+    # The store refuses the batch (a sample is above its size_limit). While the buffer retries
+    # it the leases stay held; once it gives up, another process must not wait lease_timeout
+    # for samples that nobody will write.
+    backend = DiskBackend(tmp_path / "small", size_limit=10_000)
+    writer = CachedDataset(
+        SlowDataset(4, nbytes=20_000), backend=backend, dataset_name="drop",
+        writer_buffer_size=4, flush_interval=None, lease_timeout=30,
+    )  # fmt: skip
+    writer.__getitems__([0, 1, 2, 3])  # refused once: kept for a retry
+    leases = [writer.key(i) + "~lease" for i in range(4)]
+    assert writer.pending == 4 and all(backend.get(lease) is not None for lease in leases)
+    backend.set(leases[3], b"another process's token")  # ours expired, another took it
+    writer.flush()  # refused again: dropped
+    assert writer.pending == 0 and writer.samples_dropped == 4
+    # Ours are released; the one another process holds now is left alone.
+    assert [backend.get(lease) for lease in leases] == [None] * 3 + [b"another process's token"]
+    reader_data = SlowDataset(4, nbytes=20_000)
+    reader = CachedDataset(reader_data, backend=backend, dataset_name="drop", lease_timeout=30)
+    start = time.monotonic()
+    assert_sample(reader[0], 0, nbytes=20_000)
+    assert time.monotonic() - start < 5 and reader_data.calls == [0]
+
+
+def test_strict_mode_bounds_the_buffer_before_raising(tmp_path: Path) -> None:
+    backend = DiskBackend(tmp_path / "small", size_limit=10_000)  # refuses every sample
+    ds = CachedDataset(
+        SlowDataset(100, nbytes=20_000), backend=backend, dataset_name="strict-bound",
+        writer_buffer_size=2, strict=True, flush_interval=None,
+    )  # fmt: skip
+    raised = 0
+    for i in range(100):
+        try:
+            ds[i]
+        except BackendError:
+            raised += 1
+    assert raised >= 100 // 2  # every failed flush raises ...
+    assert ds.pending <= ds._cache.buffer.max_pending  # ... once the buffer is bounded
+    assert ds.samples_dropped == 100 - ds.pending
 
 
 def test_strict_mode_raises_store_errors(own_memcached) -> None:  # type: ignore[no-untyped-def]
@@ -506,6 +571,22 @@ def test_getitems_is_one_round_trip_per_batch(memcached_server) -> None:  # type
     for batch in batches:  # a cached epoch
         ds.__getitems__(batch)
     assert backend.counts == Counter(get_many=len(batches))
+
+
+def test_a_missed_sample_costs_a_lease_add_get_and_delete(memcached_server) -> None:  # type: ignore[no-untyped-def]
+    backend = CountingMemcached(memcached_server.address)
+    backend.clear()
+    ds = CachedDataset(
+        SlowDataset(16), backend=backend, dataset_name="rt-miss", writer_buffer_size=16
+    )
+    backend.counts.clear()  # the manifest
+    ds.__getitems__(list(range(16)))
+    # Per batch: the read, the write and the check of the lease tokens. Per missed sample:
+    # take the lease, read the sample again (another process may have stored it since the
+    # batch read) and delete the lease (one delete per key on memcached).
+    assert backend.counts == Counter(
+        get_many=2, set_many=1, add=16, get=16, delete_many=1, delete=16
+    )
 
 
 def test_evictions_are_recomputed_and_warned_once(
@@ -680,6 +761,54 @@ def test_preload_bounds_the_bytes_it_holds(memory_backend: MemoryBackend) -> Non
     assert job.wait(timeout=30)
     assert ds.is_complete()
     assert ds._cache.buffer.peak_bytes <= 5 * (nbytes + 1024)
+
+
+def test_preload_bounds_the_bytes_before_a_sample_size_is_known(
+    memory_backend: MemoryBackend,
+) -> None:
+    nbytes = 256 * 1024
+    lock, computing, peak = threading.Lock(), [0], [0]
+
+    class Big(SlowDataset):
+        """Records the most bytes held at once: samples being computed plus those buffered."""
+
+        def __getitem__(self, i: int) -> Any:
+            with lock:
+                computing[0] += 1
+                held = computing[0] * nbytes + ds._cache.buffer.pending_bytes
+                peak[0] = max(peak[0], held)
+            try:
+                return super().__getitem__(i)
+            finally:
+                with lock:
+                    computing[0] -= 1
+
+    # Samples above max_bytes / workers: starting 4 tasks before the first sample is measured
+    # would hold 1 MiB.
+    ds = CachedDataset(
+        Big(12, nbytes=nbytes, delay=0.02), backend=memory_backend, dataset_name="unknown",
+        writer_buffer_size=1000, flush_interval=None,
+    )  # fmt: skip
+    max_bytes = 3 * nbytes // 2
+    job = ds.preload(workers=4, max_bytes=max_bytes, progress=False)
+    assert job.wait(timeout=30) and ds.is_complete()
+    assert peak[0] <= max_bytes and ds._cache.buffer.peak_bytes <= max_bytes
+
+
+def test_cancelled_preload_counts_only_what_it_did() -> None:
+    # A task cancelled before it started was counted as already cached: repeat, as cancel()
+    # must land between a task's submission and its start.
+    for trial in range(10):
+        data = SlowDataset(2000, delay=0.001)
+        ds = CachedDataset(
+            data, backend=MemoryBackend(), dataset_name="count", writer_buffer_size=8
+        )
+        job = ds.preload(workers=8, progress=False)
+        time.sleep(0.02 + 0.005 * trial)
+        job.cancel()
+        assert job.already_cached == 0  # nothing was stored beforehand
+        assert job.computed == len(data.calls) < 2000
+        assert "cancelled" in repr(job) and job.cancelled
 
 
 def test_preload_can_be_cancelled(disk_backend: DiskBackend) -> None:

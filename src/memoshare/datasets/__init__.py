@@ -18,8 +18,8 @@ Writes. New samples wait in a bounded write buffer (``writer_buffer_size``) and 
 one ``set_many``. The buffer is flushed when it is full, when its oldest sample is older than
 ``flush_interval``, on :meth:`flush` / close / context-manager exit, at interpreter exit and when
 a ``multiprocessing`` child (a DataLoader worker) exits. A sample waiting in the buffer is served
-from it, and its stampede lease is held until the sample is in the store, so a process waiting
-for it never computes it again.
+from it, and its stampede lease is held until the sample is in the store (or dropped, when the
+store refuses it), so a process waiting for it never computes it again.
 """
 
 # Not API: stored samples name these two as ``memoshare.datasets._rebuild_array`` and

@@ -1,5 +1,5 @@
 """The write buffer of a cache, its background flusher, and the lease relay of stampede
-protection (a lease is released once its sample is in the store)."""
+protection (a lease is released once its sample is in the store, or dropped)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 import threading
 import time
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,8 @@ logger = logging.getLogger("memoshare")
 
 #: A failed flush keeps its samples for the next one, up to this many times the buffer size.
 PENDING_FACTOR = 4
+#: Times the store may refuse a sample (it answers, but is full, say) before it is dropped.
+REFUSED_TRIES = 3
 #: Pauses between the attempts of a flush that may block (explicit, close, exit).
 RETRY_PAUSES = (0.1, 0.5, 1.0)
 _FLUSH_TICK = 0.1
@@ -34,7 +37,8 @@ class _Pending:
     payload: bytes
     index: int | None
     since: float
-    lease: str | None = None  # released once the sample is in the store
+    token: bytes | None = None  # of the stampede lease, released once the sample is written
+    refusals: int = 0  # writes the store refused
 
 
 class _WriteBuffer:
@@ -73,6 +77,9 @@ class _WriteBuffer:
         self.pending_bytes = 0
         self.peak_bytes = 0
         self.puts = 0
+        # Samples waiting when a flush is due: the buffer size, more while failed ones wait
+        # to be retried with the next batch (a full buffer must not retry at every put).
+        self._flush_at = self.capacity
         self._gave_up_after = -1  # ``puts`` when a final flush last failed
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
@@ -86,11 +93,14 @@ class _WriteBuffer:
         self.inherited = inherited
 
     def discard(self) -> None:
-        """Forget every waiting sample (their leases expire by themselves)."""
+        """Forget every waiting sample and release its lease."""
         with self._lock:
+            leases = self._take_leases(self.pending.items())
             self.pending = {}
             self.pending_bytes = 0
             self.inherited = {}
+            self._flush_at = self.capacity
+        self.release(leases)
 
     def get(self, key: str) -> bytes | None:
         # dict.get is atomic under the GIL: the read path takes no lock.
@@ -102,21 +112,22 @@ class _WriteBuffer:
     def put(self, key: str, payload: bytes, index: int | None, flush: bool = True) -> None:
         with self._lock:
             old = self.pending.pop(key, None)
-            entry = _Pending(payload, index, time.monotonic(), old.lease if old else None)
+            entry = _Pending(payload, index, time.monotonic())
             if old is not None:
                 self.pending_bytes -= len(old.payload)
+                entry.token, old.token = old.token, None  # one owner releases the lease
             self.pending[key] = entry
             self.pending_bytes += len(payload)
             self.peak_bytes = max(self.peak_bytes, self.pending_bytes)
             self.puts += 1
-            full = len(self.pending) >= self.capacity
+            full = len(self.pending) >= self._flush_at
         if self.flush_interval is not None:
             _flusher.watch(self)
         if flush and full:
             self.flush()
 
     def flush_if_full(self) -> None:
-        if len(self.pending) >= self.capacity:
+        if len(self.pending) >= self._flush_at:
             self.flush()
 
     def due(self, now: float) -> bool:
@@ -128,93 +139,116 @@ class _WriteBuffer:
             and now - oldest.since >= self.flush_interval
         )
 
-    def hold_lease(self, lease: str) -> bool:
-        """Keep ``lease`` until its sample is written; ``False`` if it is not waiting here."""
+    def hold_lease(self, lease: str, token: bytes) -> bool:
+        """Keep the lease (our ``token``) until its sample is written or dropped; ``False`` if
+        the sample is not waiting here."""
         key = lease[: -len(LEASE_SUFFIX)]
         with self._lock:
             entry = self.pending.get(key)
-            if entry is None or entry.lease is not None:
+            if entry is None or entry.token is not None:
                 return False
-            entry.lease = lease
+            entry.token = token
             return True
+
+    def release(self, leases: dict[str, bytes]) -> None:
+        """Delete those of ``leases`` (key: our token) that still hold our token, in two round
+        trips. A lease that expired (a slow write) may be another process's now: deleting
+        it would let a third one compute the sample too (as in :mod:`memoshare.stampede`)."""
+        if not leases:
+            return
+        try:
+            current = self.backend.get_many(list(leases))
+            ours = [lease for lease, token in leases.items() if current.get(lease) == token]
+            if ours:
+                self.backend.delete_many(ours)
+        except BackendError as exc:  # the leases expire by themselves
+            logger.debug("memoshare: %s: releasing leases failed: %s", self.health.name, exc)
+
+    @staticmethod
+    def _take_leases(entries: Iterable[tuple[str, _Pending]]) -> dict[str, bytes]:
+        """The leases held by ``entries``, which then hold none (call with the lock held)."""
+        leases = {}
+        for key, entry in entries:
+            if entry.token is not None:
+                leases[key + LEASE_SUFFIX] = entry.token
+                entry.token = None
+        return leases
 
     def flush(self, attempts: int = 1) -> bool:
         """Write every waiting sample in one round trip; return whether all were written.
 
-        A failed write is counted (stats ``errors``/``timeouts``), reported (one warning per
-        outage) and retried ``attempts - 1`` times here; the samples then stay for the next
-        flush, up to a bound past which the oldest are dropped and counted in ``dropped``. A
-        batch the store refused (it is up, but out of memory, say) is dropped after its tries,
-        counted and reported: retrying it forever would only block the samples after it.
+        A failed write is retried ``attempts - 1`` times here, after a pause; its samples then
+        stay and are retried with the next flush (that of the next ``capacity`` samples, of
+        ``flush_interval``, of close or exit). They are dropped, counted in ``dropped``,
+        reported and their leases released only once the store refused them
+        :data:`REFUSED_TRIES` times (it answers but is full, say: retrying forever would only
+        hold back the samples after them), or past ``max_pending`` (the oldest go) while the
+        store is down. The failure is counted (stats ``errors``/``timeouts``) and reported, one
+        warning per outage; with ``strict`` it is raised, once the buffer is bounded.
         """
         with self._flush_lock:
             with self._lock:
                 batch = dict(self.pending)
             if not batch:
                 return True
-            refused = False
             for attempt in range(attempts):
+                if attempt:
+                    time.sleep(RETRY_PAUSES[min(attempt, len(RETRY_PAUSES)) - 1])
                 try:
                     storage.write_entries(self.backend, {k: e.payload for k, e in batch.items()})
                 except BackendError as exc:
-                    self.health.failed(exc, "write")
-                    refused = isinstance(exc, BackendRefused)
-                    if attempt + 1 < attempts:
-                        time.sleep(RETRY_PAUSES[min(attempt, len(RETRY_PAUSES) - 1)])
+                    error = exc
+                    if isinstance(exc, BackendRefused):
+                        for entry in batch.values():
+                            entry.refusals += 1
                     continue
-                self.health.ok()
+                self.health.write_ok()
                 self._written(batch)
                 return True
-            if refused:
-                self._drop(batch)
-            else:
-                self._bound()
+            self._drop(batch)
+            self.health.failed(error, "write")  # after _drop: it raises in strict mode
             return False
 
     def _written(self, batch: dict[str, _Pending]) -> None:
-        leases = []
         with self._lock:
             for key, entry in batch.items():
                 if self.pending.get(key) is entry:
                     del self.pending[key]
                     self.pending_bytes -= len(entry.payload)
-                if entry.lease is not None:
-                    leases.append(entry.lease)
-                    entry.lease = None
+            leases = self._take_leases(batch.items())
+            self._flush_at = self.capacity
         self.health.stats.count("sets", len(batch))
         self.sizes.add(len(batch), sum(len(e.payload) for e in batch.values()))
         if self.known is not None:
             for entry in batch.values():
                 if entry.index is not None:
                     self.known.add(entry.index)
-        try:
-            if leases:
-                self.backend.delete_many(leases)
-            if self.count_key is not None:
+        self.release(leases)
+        if self.count_key is not None:
+            try:
                 self.backend.incr(self.count_key, len(batch))
-        except BackendError as exc:  # the leases expire by themselves
-            logger.debug("memoshare: %s: releasing leases failed: %s", self.health.name, exc)
-
-    def _bound(self) -> None:
-        """Keep at most ``max_pending`` samples while the store is down; count what goes."""
-        dropped = 0
-        with self._lock:
-            while len(self.pending) > self.max_pending:
-                key = next(iter(self.pending))
-                self.pending_bytes -= len(self.pending.pop(key).payload)
-                dropped += 1
-        self._report_dropped(dropped)
+            except BackendError as exc:
+                logger.debug("memoshare: %s: counting writes failed: %s", self.health.name, exc)
 
     def _drop(self, batch: dict[str, _Pending]) -> None:
-        """Forget the samples of a refused batch (those not replaced since)."""
-        dropped = 0
+        """After a failed write: drop the samples refused :data:`REFUSED_TRIES` times, then
+        the oldest past ``max_pending``; count, report, and release their leases (nobody
+        writes them now: other processes must not wait ``lease_timeout`` for them)."""
         with self._lock:
+            dropped = []
             for key, entry in batch.items():
-                if self.pending.get(key) is entry:
-                    del self.pending[key]
-                    self.pending_bytes -= len(entry.payload)
-                    dropped += 1
-        self._report_dropped(dropped)
+                if entry.refusals >= REFUSED_TRIES and self.pending.get(key) is entry:
+                    dropped.append((key, self.pending.pop(key)))
+            while len(self.pending) > self.max_pending:
+                key = next(iter(self.pending))
+                dropped.append((key, self.pending.pop(key)))
+            self.pending_bytes -= sum(len(entry.payload) for _, entry in dropped)
+            leases = self._take_leases(dropped)
+            # The samples kept are retried with the next batch, not at every put; at the bound,
+            # every put flushes, so that the buffer never holds more than max_pending.
+            self._flush_at = min(len(self.pending) + self.capacity, self.max_pending)
+        self.release(leases)
+        self._report_dropped(len(dropped))
 
     def _report_dropped(self, dropped: int) -> None:
         if not dropped:
@@ -237,36 +271,60 @@ class _WriteBuffer:
         if self.puts == self._gave_up_after:
             return  # atexit and the exit finalizer both call this: retry only if news came
         try:
-            if not self.flush(attempts=len(RETRY_PAUSES) + 1) and self.pending:
-                self._gave_up_after = self.puts
-                logger.warning(
-                    "memoshare: %s: %d samples could not be written (store unavailable); they "
-                    "will be recomputed when asked for",
-                    self.health.name,
-                    len(self.pending),
-                )
+            written = self.flush(attempts=len(RETRY_PAUSES) + 1)
         except BackendError as exc:  # strict mode: nobody left to raise to at exit
             logger.warning("memoshare: %s: final flush failed: %s", self.health.name, exc)
+            written = False
+        if written or not self.pending:
+            return
+        self._gave_up_after = self.puts
+        # The samples stay served from here, but nobody will write them: release their leases,
+        # or other processes would wait lease_timeout for them.
+        with self._lock:
+            leases = self._take_leases(self.pending.items())
+        self.release(leases)
+        logger.warning(
+            "memoshare: %s: %d samples could not be written (store unavailable); they will be "
+            "recomputed when asked for",
+            self.health.name,
+            len(self.pending),
+        )
 
 
 class _LeaseRelay:
-    """The store as :func:`compute_once` sees it: a lease whose sample still waits in the write
-    buffer is released by the flush that writes the sample, not when the computation ends."""
+    """The store as :func:`compute_once` sees it, for the leases it takes.
 
-    __slots__ = ("backend", "buffer")
+    A lease whose sample waits in the write buffer is released by the flush that writes (or
+    drops) the sample, not when the computation ends. Every release checks that the lease
+    still holds our token, so :func:`compute_once`'s own check (reading its lease back before
+    deleting it) is answered here, without a round trip per computed sample.
+    """
+
+    __slots__ = ("backend", "buffer", "tokens")
 
     def __init__(self, backend: Backend, buffer: _WriteBuffer) -> None:
         self.backend = backend
         self.buffer = buffer
+        # (thread, lease) -> our token, from add() to delete() in one compute_once call.
+        self.tokens: dict[tuple[int, str], bytes] = {}
 
     def add(self, key: str, value: bytes, expire: float | None = None) -> bool:
-        return self.backend.add(key, value, expire)
+        added = self.backend.add(key, value, expire)
+        if added:
+            self.tokens[threading.get_ident(), key] = value
+        return added
 
     def get(self, key: str) -> bytes | None:
-        return self.backend.get(key)
+        token = self.tokens.get((threading.get_ident(), key))
+        return token if token is not None else self.backend.get(key)
 
     def delete(self, key: str) -> bool:
-        return self.buffer.hold_lease(key) or self.backend.delete(key)
+        token = self.tokens.pop((threading.get_ident(), key), None)
+        if token is None:
+            return self.backend.delete(key)
+        if not self.buffer.hold_lease(key, token):
+            self.buffer.release({key: token})
+        return True
 
 
 class _Flusher:

@@ -156,6 +156,7 @@ class _SampleCache:
         # The parent still owns (and will write) what was waiting in the buffer; until then
         # this child serves those samples from its copy instead of waiting for their leases.
         self.buffer.after_fork()
+        self.relay.tokens.clear()  # the parent's threads' leases; thread ids get reused
         self.stats.reset()
         self.sizes.reset()
 
@@ -498,7 +499,8 @@ class _CacheFront:
 
     @property
     def samples_dropped(self) -> int:
-        """Values dropped from the write buffer while the store did not take writes."""
+        """Values dropped from the write buffer: refused by the store ``REFUSED_TRIES``
+        times, or past its bound while the store was down."""
         return self._cache.sizes.dropped
 
     @property

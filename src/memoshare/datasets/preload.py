@@ -104,6 +104,7 @@ class Preload:
         total: indices to preload.
         already_cached: of those, found stored when the preload reached them.
         computed: samples this preload computed.
+        (Indices a cancelled or stopped preload did not reach are in neither count.)
         error: the exception that stopped it, if any (re-raised by :meth:`wait`).
     """
 
@@ -123,7 +124,8 @@ class Preload:
         self.already_cached = 0
         self.computed = 0
         self.error: BaseException | None = None
-        self._cancel = threading.Event()
+        self._cancel = threading.Event()  # cancel() was called
+        self._stop = threading.Event()  # start no more samples (cancelled, error, store down)
         self._done = threading.Event()
         self._progress = progress
         self._pid = os.getpid()  # a forked child inherits this object but not its threads
@@ -163,11 +165,17 @@ class Preload:
         if os.getpid() != self._pid:
             return  # the preload's threads live in the parent process
         self._cancel.set()
+        self._stop.set()
         if wait and threading.current_thread() is not self._thread:
             self._done.wait()
 
     def __repr__(self) -> str:
-        state = "done" if self.done else "cancelling" if self.cancelled else "running"
+        if not self.done:
+            state = "cancelling" if self.cancelled else "running"
+        elif self.computed + self.already_cached < self.total:
+            state = "cancelled" if self.cancelled else "stopped"
+        else:
+            state = "done"
         return (
             f"<Preload of {self._dataset.dataset_name!r}: {state}, {self.computed} computed, "
             f"{self.already_cached} already cached of {self.total}>"
@@ -177,7 +185,7 @@ class Preload:
     def _run(self) -> None:
         cache = self._dataset._cache
         bar = _progress_bar(self._progress, self.total, f"preload {self._dataset.dataset_name}")
-        running: set[Future[bool]] = set()
+        running: set[Future[bool | None]] = set()
         try:
             with ThreadPoolExecutor(self.workers, thread_name_prefix="memoshare-preload") as pool:
                 for start in range(0, self.total, SCAN_BATCH):
@@ -200,17 +208,17 @@ class Preload:
             logger.warning("memoshare: preload of %r stopped: %r", self._dataset.dataset_name,
                            exc)  # fmt: skip
         finally:
-            self._cancel.set()  # stops queued tasks if we left early
+            self._stop.set()  # stops queued tasks if we left early
             bar.close()
             self._done.set()
 
     def _stopping(self, cache: _SampleCache) -> bool:
-        if self._cancel.is_set():
+        if self._stop.is_set():
             return True
         if cache.health.failing:
             logger.warning("memoshare: preload of %r stopped: the store is unavailable",
                            self._dataset.dataset_name)  # fmt: skip
-            self._cancel.set()
+            self._stop.set()
             return True
         return False
 
@@ -224,13 +232,15 @@ class Preload:
             return []
         return [i for k, i in keys.items() if k not in stored and cache.buffer.get(k) is None]
 
-    def _make_room(self, cache: _SampleCache, running: set[Future[bool]], bar: Any) -> None:
+    def _make_room(self, cache: _SampleCache, running: set[Future[bool | None]], bar: Any) -> None:
         """Wait until another task may start: fewer than ``workers`` run, and the bytes held
         plus one more sample fit in ``max_bytes`` (one task always may run)."""
         while running:
             mean = _mean_sample(cache)
             held = cache.buffer.pending_bytes + len(running) * mean
-            if len(running) < self.workers and held + mean <= self.max_bytes:
+            # Until a sample is measured (mean 0) its size is unknown: one task at a time, or
+            # ``workers`` samples larger than max_bytes / workers would be held at once.
+            if mean and len(running) < self.workers and held + mean <= self.max_bytes:
                 return
             # Writing frees what waits in the buffer; if the store refuses, wait for a task.
             if held + mean > self.max_bytes and cache.buffer.pending and cache.buffer.flush():
@@ -239,19 +249,23 @@ class Preload:
         if cache.buffer.pending_bytes + _mean_sample(cache) > self.max_bytes:
             cache.buffer.flush()
 
-    def _reap(self, running: set[Future[bool]], bar: Any) -> None:
+    def _reap(self, running: set[Future[bool | None]], bar: Any) -> None:
         done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
         for future in done:
             running.discard(future)
-            if future.result():  # re-raises the dataset's exception: stops the preload
+            computed = future.result()  # re-raises the dataset's exception: stops the preload
+            if computed is None:
+                continue  # cancelled before it started: neither cached nor computed
+            if computed:
                 self.computed += 1
             else:
                 self.already_cached += 1
             bar.update(1)
 
-    def _load_one(self, index: int) -> bool:
-        if self._cancel.is_set():
-            return False
+    def _load_one(self, index: int) -> bool | None:
+        """Whether it computed the sample (``False``: found stored; ``None``: not started)."""
+        if self._stop.is_set():
+            return None
         dataset = self._dataset
         return dataset._cache.ensure_stored(
             f"{dataset._prefix}{index}", index, lambda: dataset.dataset[index]
@@ -263,4 +277,5 @@ def _mean_sample(cache: _SampleCache) -> float:
     if cache.sizes.samples:
         return cache.sizes.mean
     buffer = cache.buffer
-    return buffer.pending_bytes / len(buffer.pending) if buffer.pending else 0.0
+    waiting = len(buffer.pending)  # once: a flush in another thread may empty it meanwhile
+    return buffer.pending_bytes / waiting if waiting else 0.0

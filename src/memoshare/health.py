@@ -9,6 +9,7 @@ is logged once and only that value stays uncached. With ``strict=True`` every er
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Hashable
 
 from .backends import BackendError, BackendRefused, BackendTimeout
 from .counters import CacheStats
@@ -23,18 +24,30 @@ _READS = frozenset({"read"})
 
 
 class StoreHealth:
-    """The failure state of one cache user (a memoized function, a dataset cache)."""
+    """The failure state of one cache user (a memoized function, a dataset cache).
 
-    __slots__ = ("name", "stats", "strict", "failing", "writes_only", "warned_refused")
+    An outage is kept per server when the store has several (memcached), so that the keys of
+    a live server do not end the outage of a dead one (and warn again at every switch).
+    """
 
-    def __init__(self, name: str, stats: CacheStats, strict: bool) -> None:
+    __slots__ = ("name", "stats", "strict", "failing", "_down", "_locate", "warned_refused")
+
+    def __init__(
+        self,
+        name: str,
+        stats: CacheStats,
+        strict: bool,
+        locate: Callable[[str], Hashable] | None = None,
+    ) -> None:
         self.name = name
         self.stats = stats
         self.strict = strict
-        self.failing = False
-        # An outage seen only by writes (a read-only directory, large writes timing out) is not
+        self.failing = False  # bool(self._down), read on every call
+        # Failing server (None: the store as a whole) -> whether only writes failed there. An
+        # outage seen only by writes (a read-only directory, large writes timing out) is not
         # over when a read succeeds: only a successful write ends it.
-        self.writes_only = False
+        self._down: dict[Hashable, bool] = {}
+        self._locate = locate  # key -> its server, for stores with several
         self.warned_refused = False
 
     def failed(self, exc: BackendError, what: str) -> None:
@@ -53,32 +66,44 @@ class StoreHealth:
                     exc,
                 )
             return
+        server = getattr(exc, "server", None) if self._locate is not None else None
         is_write = what not in _READS
+        if server in self._down:
+            self._down[server] = self._down[server] and is_write
+            return
+        self._down[server] = is_write
+        self.failing = True
+        logger.warning(
+            "memoshare: %s cannot %s its cache (%s); it goes on uncached until the store "
+            "answers again",
+            self.name,
+            what,
+            exc,
+        )
+
+    def ok(self, key: str | None = None) -> None:
+        """A read (of ``key``) succeeded: end the outage of its server (counted in
+        ``reconnects``), unless only writes failed there."""
         if self.failing:
-            self.writes_only = self.writes_only and is_write
+            self._recovered(key, reads=True)
+
+    def write_ok(self, key: str | None = None) -> None:
+        """A write (of ``key``) succeeded: end the outage of its server."""
+        if self.failing:
+            self._recovered(key, reads=False)
+
+    def _recovered(self, key: str | None, reads: bool) -> None:
+        if key is None or self._locate is None:
+            servers = list(self._down)  # no way to tell: the store answered
         else:
-            self.failing = True
-            self.writes_only = is_write
-            logger.warning(
-                "memoshare: %s cannot %s its cache (%s); it goes on uncached until the store "
-                "answers again",
-                self.name,
-                what,
-                exc,
-            )
-
-    def ok(self) -> None:
-        """A read succeeded: end an outage (counted in ``reconnects``), unless only writes
-        failed."""
-        if self.failing and not self.writes_only:
-            self._recovered()
-
-    def write_ok(self) -> None:
-        """A write succeeded: end any outage."""
-        if self.failing:
-            self._recovered()
-
-    def _recovered(self) -> None:
-        self.failing = self.writes_only = False
-        self.stats.count("reconnects")
-        logger.info("memoshare: %s reaches its cache again", self.name)
+            servers = [None, self._locate(key)]
+        ended = False
+        for server in servers:
+            writes_only = self._down.get(server)
+            if writes_only is not None and not (reads and writes_only):
+                del self._down[server]
+                ended = True
+        if ended:
+            self.failing = bool(self._down)
+            self.stats.count("reconnects")
+            logger.info("memoshare: %s reaches its cache again", self.name)

@@ -139,7 +139,9 @@ class MemoizedFunction(Generic[P, R]):
             inner = fn.func if isinstance(fn, functools.partial) else fn
             self.__qualname__ = getattr(inner, "__qualname__", type(inner).__qualname__)
         self._fn = fn
-        self._health = StoreHealth(self.__qualname__, self.stats, strict)
+        self._health = StoreHealth(
+            self.__qualname__, self.stats, strict, getattr(self.backend, "server_for", None)
+        )
         self.shared_stats = shared_stats
         self._stats_entry = track_shared_stats(self) if shared_stats else None
 
@@ -198,7 +200,7 @@ class MemoizedFunction(Generic[P, R]):
             self._health.failed(exc, "read")
         else:
             if self._health.failing:
-                self._health.ok()
+                self._health.ok(key)
             if data is not None:
                 if is_manifest(data):
                     found, value = self._lookup_chunks(key, data)
@@ -218,7 +220,7 @@ class MemoizedFunction(Generic[P, R]):
             self._health.failed(exc, "read")
             return False, None
         if self._health.failing:
-            self._health.ok()
+            self._health.ok(key)
         if payload is None:
             return False, None
         return self._decode(key, payload)
@@ -266,7 +268,7 @@ class MemoizedFunction(Generic[P, R]):
             self._health.failed(exc, "write")
             return False
         if self._health.failing:
-            self._health.write_ok()
+            self._health.write_ok(key)
         self.stats.count("sets")
         return True
 

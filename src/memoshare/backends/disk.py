@@ -8,6 +8,14 @@ processes by LMDB's own lock, which makes ``add``/``cas``/``incr`` atomic for fr
 Layout of one entry in the ``data`` table: ``seq (8 bytes) | expire_at (8 bytes) | value``.
 ``seq`` is a store-wide counter bumped on every write: it is the CAS token and the position in
 the ``order`` table (``seq -> key``) that eviction walks from the oldest write.
+
+Map size. Processes may open one directory with different ``map_size`` values (a
+``size_limit`` gives 256 MiB, the default 64 GiB). LMDB records in the file the largest map
+size any writer has used; a process adopts it when it opens the directory, when its next
+transaction finds that another process grew the data past its own map (``MapResizedError``),
+and when a write finds its own map full (``MapFullError``). Adopting it remaps the file, which
+LMDB allows only while no transaction of the process is active: :class:`_MapGuard` makes
+readers of the process wait (or, mid-transaction, finish) while that happens.
 """
 
 from __future__ import annotations
@@ -34,12 +42,13 @@ _META_SEQ = b"seq"
 _META_BYTES = b"bytes"
 _META_ITEMS = b"items"
 _META_EVICTIONS = b"evictions"
+_INFO_FIELDS = (("items", _META_ITEMS), ("bytes", _META_BYTES), ("evictions", _META_EVICTIONS))
 
 #: Environment variable naming the default cache directory.
 ENV_VAR = "MEMOSHARE_DIR"
 
 # LMDB forbids opening one file twice in a process: environments are shared per path.
-_envs: dict[str, tuple[Any, ...]] = {}  # path -> (environment, data, order, meta tables)
+_envs: dict[str, tuple[Any, ...]] = {}  # path -> (environment, data, order, meta, _MapGuard)
 _envs_lock = threading.Lock()
 # Held around every write transaction of this process, and by fork() (see below): a child must
 # not inherit (and then abort, when it closes the environment) a write transaction in flight.
@@ -94,6 +103,59 @@ if hasattr(os, "register_at_fork"):
     )
 
 
+class _MapGuard:
+    """Lets one thread remap an environment while no other thread of the process reads it.
+
+    LMDB may change the map size of an open environment only while the process has no active
+    transaction. Write transactions already run under ``_write_lock``; each read transaction
+    appends a marker to ``readers`` for its duration and checks ``resizing`` (list append/pop
+    and the flag are atomic under the GIL, and cost about 0.1 us: no lock on the read path). A
+    resizer sets ``resizing`` first and then waits for ``readers`` to empty: a reader either
+    saw the flag (and waits for ``lock``) or is counted.
+    """
+
+    __slots__ = ("readers", "resizing", "lock", "map_size")
+
+    def __init__(self, map_size: int) -> None:
+        self.readers: list[None] = []
+        self.resizing = False
+        self.lock = threading.Lock()
+        self.map_size = map_size  # the environment's, changed only by a resize
+
+    def wait(self) -> None:
+        """Block until a resize in progress is over."""
+        with self.lock:
+            pass
+
+
+#: How long a resize waits for the read transactions in flight (a transaction of memoshare
+#: reads a few keys; this bound only guards against a marker that was never removed).
+_DRAIN_TIMEOUT = 10.0
+
+_PAUSED = object()  # a read that met a resize in progress, or an LMDB error: take the slow path
+
+
+def _current_map_size(env: lmdb.Environment) -> int:
+    return int(env.info()["map_size"])
+
+
+def _adopt_map_size(env: lmdb.Environment, wanted: int) -> int:
+    """Grow ``env``'s map to the largest of its own, ``wanted`` and the size recorded in the
+    file by any process, and return it. Call only while no transaction of this process is
+    active.
+    """
+    before = _current_map_size(env)
+    # Size 0 adopts the size recorded in the file: LMDB persists only increases, so it is the
+    # largest any process committed with (see mdb_env_set_mapsize).
+    env.set_mapsize(0)
+    after = _current_map_size(env)
+    target = max(before, wanted)
+    if after < target:
+        env.set_mapsize(target)
+        after = _current_map_size(env)
+    return after
+
+
 def _expire_at(expire: float | None) -> float:
     return time.time() + expire if expire else 0.0
 
@@ -111,6 +173,8 @@ class DiskBackend(Backend):
             recently *stored*, which keeps reads free of writes). ``None``: no limit.
         map_size: the largest the LMDB file may grow, in bytes. LMDB reserves this as a sparse
             file: 64 GiB by default, ``max(2 * size_limit, 256 MiB)`` when a limit is set.
+            Processes (and backends of one process) that open one directory with different
+            map sizes all end up using the largest of them.
         sync: flush every write transaction to disk (``True``, default) so a machine crash
             loses at most the last one; ``False`` trades that for faster writes.
 
@@ -138,6 +202,8 @@ class DiskBackend(Backend):
         self.map_size = map_size
         self.sync = sync
         self._env: lmdb.Environment | None = None
+        self._guard: _MapGuard  # set with _env, by _open
+        self._readers: list[None]
 
     # -- opening -------------------------------------------------------------------------------
     def _open(self) -> lmdb.Environment:
@@ -159,19 +225,83 @@ class DiskBackend(Backend):
                     # open_db runs a write transaction of its own: do it once, here, before
                     # any other thread can hold LMDB's writer lock.
                     dbs = tuple(env.open_db(name) for name in (b"data", b"order", b"meta"))
+                    # Another process may have opened the directory with a larger map: use
+                    # it too, or our writes would fail once the file outgrows our map.
+                    guard = _MapGuard(_adopt_map_size(env, self.map_size))
                 except (OSError, lmdb.Error) as exc:
                     raise BackendError(f"cannot open the disk cache at {self.path}: {exc}") from exc
-                handles = _envs[key] = (env, *dbs)
-        env, self._data, self._order, self._meta = handles
+                handles = _envs[key] = (env, *dbs, guard)
+        env, self._data, self._order, self._meta, guard = handles
+        self._guard = guard
+        self._readers = guard.readers
+        if self.map_size > guard.map_size:
+            # Opened earlier in this process with a smaller map (say a size_limit's 256 MiB
+            # before the default's 64 GiB): grow it, or this backend's writes would fail.
+            self._remap(env)
         self._env = env
         return env
 
-    def _write(self) -> Any:
-        env = self._env or self._open()
-        return env.begin(write=True)
+    def _remap(self, env: lmdb.Environment) -> bool:
+        """Adopt the largest map size (ours or the file's), with no transaction active in this
+        process: writers are held by ``_write_lock``, readers by the :class:`_MapGuard`.
+
+        Returns whether the map grew.
+        """
+        guard = self._guard
+        with _write_lock, guard.lock:
+            guard.resizing = True
+            try:
+                deadline = time.monotonic() + _DRAIN_TIMEOUT
+                while guard.readers:  # read transactions in flight finish
+                    if time.monotonic() > deadline:
+                        raise BackendError(
+                            f"disk cache at {self.path}: cannot adopt the map size another "
+                            "process set: read transactions of this process do not end"
+                        )
+                    time.sleep(0.0001)
+                before = guard.map_size
+                guard.map_size = _adopt_map_size(env, self.map_size)
+                return guard.map_size > before
+            except lmdb.Error as exc:
+                raise BackendError(f"disk cache at {self.path}: remapping failed: {exc}") from exc
+            finally:
+                guard.resizing = False
+
+    def _read(self, what: str, fn: Any, buffers: bool = False) -> Any:
+        """``fn(txn)`` in a read transaction; LMDB errors become :class:`BackendError`.
+
+        A map that another process grew past ours (``MapResizedError``) is adopted and the read
+        retried once; a resize in progress in this process is waited for.
+        """
+        adopted = False
+        while True:
+            env = self._env or self._open()
+            guard = self._guard
+            readers = guard.readers
+            failure: Any = None
+            readers.append(None)
+            try:
+                if guard.resizing:
+                    failure = _PAUSED
+                else:
+                    with env.begin(db=self._data, buffers=buffers) as txn:
+                        return fn(txn)
+            except lmdb.Error as exc:
+                failure = exc
+            finally:
+                readers.pop()
+            if failure is _PAUSED:
+                guard.wait()
+            elif isinstance(failure, lmdb.MapResizedError) and not adopted:
+                adopted = True
+                self._remap(env)
+            else:
+                raise BackendError(
+                    f"disk cache {what} failed at {self.path}: {failure}"
+                ) from failure
 
     def _after_fork(self) -> None:
-        self._env = None
+        self._env = None  # the next use opens the path afresh, with a guard of its own
 
     # -- helpers inside a write transaction ----------------------------------------------------
     def _meta_add(self, txn: Any, name: bytes, delta: int) -> int:
@@ -238,52 +368,86 @@ class DiskBackend(Backend):
             self._meta_add(txn, _META_EVICTIONS, evicted)
 
     def _run(self, what: str, fn: Any) -> Any:
-        try:
-            with _write_lock, self._write() as txn:
-                return fn(txn)
-        except lmdb.MapFullError as exc:
-            # Refused, not down: the store answers, it has no room for this value.
-            raise BackendRefused(
-                f"the disk cache at {self.path} is full ({self.map_size} bytes): pass a larger "
-                "map_size= or a size_limit= so old entries are evicted"
-            ) from exc
-        except lmdb.Error as exc:
-            raise BackendError(f"disk cache {what} failed at {self.path}: {exc}") from exc
+        """``fn(txn)`` in a write transaction (retried once after adopting a larger map)."""
+        adopted = False
+        while True:
+            env = self._env or self._open()
+            try:
+                with _write_lock, env.begin(write=True) as txn:
+                    return fn(txn)
+            except lmdb.MapResizedError as exc:
+                # Another process grew the data past our map: adopt its size and try again.
+                if adopted:
+                    raise BackendError(f"disk cache {what} failed at {self.path}: {exc}") from exc
+                adopted = True
+                self._remap(env)
+            except lmdb.MapFullError as exc:
+                # Our map is full; another process may have opened the file with a larger one.
+                if not adopted:
+                    adopted = True
+                    if self._remap(env):
+                        continue
+                # Refused, not down: the store answers, it has no room for this value.
+                raise BackendRefused(
+                    f"the disk cache at {self.path} is full ({self._guard.map_size} bytes): "
+                    "pass a larger map_size= or a size_limit= so old entries are evicted"
+                ) from exc
+            except lmdb.Error as exc:
+                raise BackendError(f"disk cache {what} failed at {self.path}: {exc}") from exc
 
     # -- the interface -------------------------------------------------------------------------
     def get(self, key: str) -> bytes | None:
         env = self._env or self._open()
-        # Without buffers=True LMDB copies the value once; that beats the buffer protocol's
-        # set-up cost for the small values of most calls (measured: 1.1 us vs 2.0 us).
-        with env.begin(db=self._data) as txn:
-            raw = txn.get(key.encode())
+        # The hit path: _read's body inlined (no closure, no extra frame); anything unusual (a
+        # resize in progress, any LMDB error) goes to _read, which handles and reports it.
+        readers = self._readers
+        readers.append(None)
+        try:
+            if self._guard.resizing:
+                raw = _PAUSED
+            else:
+                # Without buffers=True LMDB copies the value once; that beats the buffer
+                # protocol's set-up cost for the small values of most calls (1.1 us vs 2.0 us).
+                with env.begin(db=self._data) as txn:
+                    raw = txn.get(key.encode())
+        except lmdb.Error:
+            raw = _PAUSED
+        finally:
+            readers.pop()
+        if raw is _PAUSED:
+            raw = self._read("get", lambda txn: txn.get(key.encode()))
         if raw is None or (raw[8:16] != _NEVER and _expired(_HEADER.unpack_from(raw)[1])):
             return None
         return raw[_HEADER.size :]
 
     def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
-        env = self._env or self._open()
-        found = {}
-        with env.begin(db=self._data, buffers=True) as txn:
+        keys = list(keys)
+
+        def read_all(txn: Any) -> dict[str, bytes]:
+            found = {}
             for key in keys:
                 raw = txn.get(key.encode())
                 if raw is not None and not _expired(_HEADER.unpack_from(raw)[1]):
                     found[key] = bytes(raw[_HEADER.size :])
-        return found
+            return found
+
+        return self._read("get_many", read_all, buffers=True)
 
     def exists_many(self, keys: Iterable[str]) -> set[str]:
-        env = self._env or self._open()
-        found = set()
-        with env.begin(db=self._data, buffers=True) as txn:  # buffers: nothing is copied
+        keys = list(keys)
+
+        def check_all(txn: Any) -> set[str]:
+            found = set()
             for key in keys:
-                raw = txn.get(key.encode())
+                raw = txn.get(key.encode())  # buffers: nothing is copied
                 if raw is not None and not _expired(_HEADER.unpack_from(raw)[1]):
                     found.add(key)
-        return found
+            return found
+
+        return self._read("exists_many", check_all, buffers=True)
 
     def gets(self, key: str) -> tuple[bytes | None, CasToken]:
-        env = self._env or self._open()
-        with env.begin(db=self._data, buffers=True) as txn:
+        def read_one(txn: Any) -> tuple[bytes | None, CasToken]:
             raw = txn.get(key.encode())
             if raw is None:
                 return None, None
@@ -291,6 +455,8 @@ class DiskBackend(Backend):
             if _expired(expire_at):
                 return None, None
             return bytes(raw[_HEADER.size :]), seq
+
+        return self._read("gets", read_one, buffers=True)
 
     def set(self, key: str, value: bytes, expire: float | None = None) -> None:
         self._run("set", lambda txn: self._put(txn, key.encode(), value, expire))
@@ -335,6 +501,8 @@ class DiskBackend(Backend):
         return self._run("delete", delete_one)
 
     def delete_many(self, keys: Iterable[str]) -> int:
+        keys = list(keys)  # a transaction may be retried: an iterator would be spent
+
         def delete_all(txn: Any) -> int:
             count = 0
             for key in keys:
@@ -367,10 +535,10 @@ class DiskBackend(Backend):
         self._run("clear", drop_all)
 
     def keys(self, prefix: str = "") -> list[str]:
-        env = self._env or self._open()
         bprefix = prefix.encode()
-        found = []
-        with env.begin(db=self._data) as txn:
+
+        def scan(txn: Any) -> list[str]:
+            found: list[str] = []
             cursor = txn.cursor()
             if not cursor.set_range(bprefix):
                 return found
@@ -379,24 +547,25 @@ class DiskBackend(Backend):
                     break
                 if not _expired(_HEADER.unpack_from(raw)[1]):
                     found.append(bkey.decode())
-        return found
+            return found
+
+        return self._read("keys", scan)
 
     def info(self) -> dict[str, Any]:
-        env = self._env or self._open()
-        with env.begin(db=self._meta) as txn:
-
+        def read_meta(txn: Any) -> dict[str, int]:
             def read(name: bytes) -> int:
-                raw = txn.get(name)
+                raw = txn.get(name, db=self._meta)
                 return int(raw) if raw else 0
 
-            return {
-                "path": str(self.path),
-                "items": read(_META_ITEMS),
-                "bytes": read(_META_BYTES),
-                "evictions": read(_META_EVICTIONS),
-                "size_limit": self.size_limit,
-                "map_size": self.map_size,
-            }
+            return {name: read(raw) for name, raw in _INFO_FIELDS}
+
+        figures = self._read("info", read_meta)
+        return {
+            "path": str(self.path),
+            **figures,
+            "size_limit": self.size_limit,
+            "map_size": self._guard.map_size,  # may exceed ours: see the module's docstring
+        }
 
     def close(self) -> None:
         # The environment is shared by every DiskBackend of this path in the process; it

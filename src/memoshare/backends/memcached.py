@@ -1,8 +1,17 @@
-"""memcached through pymemcache: one server, or many with consistent (rendezvous) hashing."""
+"""memcached through pymemcache: one server, or many with consistent (rendezvous) hashing.
+
+With several servers each key belongs to exactly one of them (highest random weight over the
+server names). Failures are handled per server: a server that fails is given its own back-off
+interval, the keys it owns fail fast (:class:`BackendUnavailable`) meanwhile, and the keys of the
+other servers keep working. Keys are never moved to another server while theirs is down: two
+processes that disagree on whether a server is up would otherwise read and write one key in two
+places (a counter or a compare-and-set entry split in two, a stale value read back later).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import socket
 import struct
@@ -13,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pymemcache.client.base import Client
-from pymemcache.client.hash import HashClient
 from pymemcache.exceptions import (
     MemcacheClientError,
     MemcacheError,
@@ -21,7 +29,14 @@ from pymemcache.exceptions import (
     MemcacheUnexpectedCloseError,
 )
 
-from .base import Backend, BackendError, BackendRefused, BackendTimeout, CasToken, RetryGate
+from .base import (
+    Backend,
+    BackendError,
+    BackendRefused,
+    BackendTimeout,
+    CasToken,
+    RetryGate,
+)
 
 __all__ = ["MemcachedBackend", "MemcachedClientConfig", "Server"]
 
@@ -108,7 +123,8 @@ class MemcachedClientConfig:
         max_item_size: values larger than this are split into chunks; keep it below the
             server's ``-I`` item limit (1 MiB by default).
         retry_interval: after a failure the server is not asked again for this many seconds,
-            so a dead cache does not add a timeout to every call.
+            so a dead cache does not add a timeout to every call. With several servers, only
+            the keys of the server that failed wait.
     """
 
     server: Server | str | Sequence[Server | str] = ("localhost", 11211)
@@ -120,19 +136,52 @@ class MemcachedClientConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class _Node:
+    """One memcached server: its back-off gate, each thread's connection, its hash seed."""
+
+    __slots__ = ("server", "where", "gate", "local", "seed")
+
+    def __init__(self, server: Server, retry_interval: float) -> None:
+        self.server = server
+        self.where = f"{server[0]}:{server[1]}"
+        self.gate = RetryGate(retry_interval)
+        self.local = threading.local()
+        # Rendezvous hashing: a key belongs to the server whose blake2b(name, key) is highest.
+        # (hashlib is C: under 1 us a server, against about 20 us for pymemcache's pure-Python
+        # murmur3.) The name is "host:port" as given: every process must list the servers alike.
+        self.seed = hashlib.blake2b(self.where.encode() + b"\0", digest_size=8)
+
+
+class _Routed:
+    """Stands in for the gate of a backend with several servers: always "closed", so that the
+    single-server fast path of :meth:`MemcachedBackend.get` (which tests only that flag) sends
+    every call through the routing path, at no cost to one server."""
+
+    __slots__ = ()
+    _closed_until = True
+
+
 class MemcachedBackend(Backend):
     """memcached, shared by every machine that reaches the servers.
 
     Args:
-        servers: ``(host, port)``, ``"host:port"`` or a list of them; several servers use
-            pymemcache's ``HashClient`` (rendezvous hashing: adding a server moves only the
-            keys that now belong to it).
+        servers: ``(host, port)``, ``"host:port"`` or a list of them; several servers share
+            the keys by rendezvous hashing (adding a server moves only the keys that now
+            belong to it). Every process must list the same servers, spelled the same way.
         connect_timeout, timeout, no_delay, max_item_size, retry_interval: see
             :class:`MemcachedClientConfig`.
-        **client_options: passed on to pymemcache's ``Client``/``HashClient``.
+        **client_options: passed on to pymemcache's ``Client`` (one per server and thread).
 
-    Each thread gets its own connection (pymemcache clients are not thread-safe), and every
+    Each thread gets its own connections (pymemcache clients are not thread-safe), and every
     write waits for the server's answer: a refused value raises instead of vanishing.
+
+    With several servers a failure is per server: while one is down (or in its back-off
+    interval), its keys raise :class:`BackendError` (at once, as :class:`BackendUnavailable`,
+    after the first failure) and the other servers' keys keep working; its keys are *not* moved
+    to the others. A batch (``get_many``, ``set_many``, ``clear``) still serves every server
+    that answers and then raises the first error; a ``get_many`` error carries what was read in
+    its ``found`` attribute. Every error names the ``(host, port)`` that failed in its
+    ``server`` attribute.
     """
 
     scope = "network"
@@ -150,16 +199,30 @@ class MemcachedBackend(Backend):
     ) -> None:
         if max_item_size < 1024:
             raise ValueError(f"max_item_size must be at least 1024 bytes, got {max_item_size}")
+        if retry_interval < 0:
+            raise ValueError(f"retry_interval must be >= 0 seconds, got {retry_interval!r}")
         super().__init__()
         self.servers = _parse_servers(servers)
+        if len(set(self.servers)) != len(self.servers):
+            raise ValueError(f"a memcached server is listed twice in {self.servers}")
         self.connect_timeout = connect_timeout
         self.timeout = timeout
         self.no_delay = no_delay
         self.max_item_size = max_item_size
         self.retry_interval = retry_interval
         self.client_options = client_options
-        self._local = threading.local()
-        self._gate = RetryGate(retry_interval)
+        self._new_client(self.servers[0])  # a wrong option fails here, not at the first call
+        self._reset_nodes()
+
+    def _reset_nodes(self) -> None:
+        self._nodes = [_Node(server, self.retry_interval) for server in self.servers]
+        if len(self._nodes) == 1:
+            # The fast path of get() reads these two directly.
+            self._gate: RetryGate | _Routed = self._nodes[0].gate
+            self._local = self._nodes[0].local
+        else:
+            self._gate = _Routed()
+            self._local = threading.local()  # unused: each server has its own
 
     @classmethod
     def from_config(cls, config: MemcachedClientConfig) -> MemcachedBackend:
@@ -175,7 +238,7 @@ class MemcachedBackend(Backend):
         )
 
     # -- connections ---------------------------------------------------------------------------
-    def _new_client(self) -> Client | HashClient:
+    def _new_client(self, server: Server) -> Client:
         options = dict(
             connect_timeout=self.connect_timeout,
             timeout=self.timeout,
@@ -185,28 +248,72 @@ class MemcachedBackend(Backend):
             socket_module=_SOCKET_MODULE,
         )
         options.update(self.client_options)
-        if len(self.servers) == 1:
-            return Client(self.servers[0], **options)
-        return HashClient(self.servers, ignore_exc=False, **options)
+        return Client(server, **options)
 
-    @property
-    def client(self) -> Client | HashClient:
-        """This thread's pymemcache client (created on first use)."""
-        client = getattr(self._local, "client", None)
+    def _client(self, node: _Node) -> Client:
+        client = getattr(node.local, "client", None)
         if client is None:
-            client = self._local.client = self._new_client()
+            client = node.local.client = self._new_client(node.server)
         return client
 
-    def _call(self, op: Callable[[Any], T]) -> T:
-        # The hit path: no message formatted, no property called unless needed (~1 us a call).
-        gate = self._gate
+    @property
+    def client(self) -> Client:
+        """This thread's pymemcache client of the (single) server; see :meth:`client_for`."""
+        if len(self._nodes) != 1:
+            raise TypeError(
+                f"{self!r} has several servers: use client_for(key) for the one owning a key"
+            )
+        return self._client(self._nodes[0])
+
+    def client_for(self, key: str) -> Client:
+        """This thread's pymemcache client of the server that owns ``key``."""
+        return self._client(self._route(key))
+
+    def server_for(self, key: str) -> Server:
+        """The ``(host, port)`` of the server that owns ``key``."""
+        return self._route(key).server
+
+    def _route(self, key: str) -> _Node:
+        nodes = self._nodes
+        if len(nodes) == 1:
+            return nodes[0]
+        bkey = key.encode()
+        best = nodes[0]
+        best_score = b""
+        for node in nodes:
+            hasher = node.seed.copy()
+            hasher.update(bkey)
+            score = hasher.digest()
+            if score > best_score:  # equal 8-byte digests: keep the first server listed
+                best, best_score = node, score
+        return best
+
+    def _by_node(self, keys: Iterable[str]) -> dict[_Node, list[str]]:
+        batches: dict[_Node, list[str]] = {}
+        for key in keys:
+            batches.setdefault(self._route(key), []).append(key)
+        return batches
+
+    def _call(self, key: str | None, op: Callable[[Any], T]) -> T:
+        """``op(client)`` on the server owning ``key`` (``None``: the single server)."""
+        nodes = self._nodes
+        node = nodes[0] if len(nodes) == 1 or key is None else self._route(key)
+        return self._call_node(node, op)
+
+    def _call_node(self, node: _Node, op: Callable[[Any], T]) -> T:
+        # No message formatted, no property called unless needed (~1 us a call).
+        gate = node.gate
         if gate._closed_until:
-            gate.check(f"memcached at {self._where()}")
-        client = getattr(self._local, "client", None)
+            try:
+                gate.check(f"memcached at {node.where}")
+            except BackendError as exc:
+                exc.server = node.server  # type: ignore[attr-defined]
+                raise
+        client = getattr(node.local, "client", None)
         try:
-            result = op(self.client if client is None else client)
+            result = op(self._client(node) if client is None else client)
         except Exception as exc:
-            error = self._translate(exc)
+            error = self._translate(exc, node)
             if error is exc:
                 raise
             raise error from exc
@@ -214,33 +321,53 @@ class MemcachedBackend(Backend):
             gate.succeeded()
         return result
 
-    def _translate(self, exc: Exception) -> Exception:
-        """The memoshare error for what pymemcache raised (or ``exc`` itself if it is a bug)."""
-        if isinstance(exc, TimeoutError | BlockingIOError):  # Python's or the kernel's timeout
-            self._failed()
-            return BackendTimeout(f"memcached at {self._where()} timed out: {exc}")
-        if isinstance(exc, MemcacheClientError | MemcacheServerError):
-            if isinstance(exc, MemcacheUnexpectedCloseError):  # the server went away
-                self._failed()
-                return BackendError(f"memcached at {self._where()}: {exc}")
-            # Otherwise the server answered (it refused this item: too large, out of memory,
-            # ...): the store is up, so the retry gate stays open.
-            return BackendRefused(f"memcached at {self._where()}: {exc}")
-        if isinstance(exc, OSError | MemcacheError):
-            self._failed()
-            return BackendError(f"memcached at {self._where()}: {exc}")
-        return exc
+    def _translate(self, exc: Exception, node: _Node) -> Exception:
+        """The memoshare error for what pymemcache raised (or ``exc`` itself if it is a bug).
 
-    def _failed(self) -> None:
-        self._gate.failed()
-        client = getattr(self._local, "client", None)
+        The error's ``server`` attribute is the ``(host, port)`` that failed.
+        """
+        error: BackendError
+        if isinstance(exc, TimeoutError | BlockingIOError):  # Python's or the kernel's timeout
+            self._failed(node)
+            error = BackendTimeout(f"memcached at {node.where} timed out: {exc}")
+        elif isinstance(exc, MemcacheClientError | MemcacheServerError):
+            if isinstance(exc, MemcacheUnexpectedCloseError):  # the server went away
+                self._failed(node)
+                error = BackendError(f"memcached at {node.where}: {exc}")
+            else:
+                # The server answered (it refused this item: too large, out of memory, ...):
+                # it is up, so its retry gate stays open.
+                error = BackendRefused(f"memcached at {node.where}: {exc}")
+        elif isinstance(exc, OSError | MemcacheError):
+            self._failed(node)
+            error = BackendError(f"memcached at {node.where}: {exc}")
+        else:
+            return exc
+        error.server = node.server  # type: ignore[attr-defined]
+        return error
+
+    def _failed(self, node: _Node) -> None:
+        """Close this server's gate (for every thread) and drop this thread's connection."""
+        node.gate.failed()
+        client = getattr(node.local, "client", None)
         if client is not None:
             with contextlib.suppress(Exception):  # the socket is already broken
                 client.close()
-            self._local.client = None
+            node.local.client = None
 
     def _where(self) -> str:
         return ",".join(f"{h}:{p}" for h, p in self.servers)
+
+    def _each_node(self, op: Callable[[_Node], None]) -> None:
+        """``op`` on every server; the first error is raised after all were tried."""
+        failure: BackendError | None = None
+        for node in self._nodes:
+            try:
+                op(node)
+            except BackendError as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     # -- the interface -------------------------------------------------------------------------
     @staticmethod
@@ -248,14 +375,15 @@ class MemcachedBackend(Backend):
         return max(1, math.ceil(expire)) if expire else 0
 
     def get(self, key: str) -> bytes | None:
-        # _call's body, inlined for the hit path (no closure, no extra frame).
+        # _call's body, inlined for the hit path on one server (no closure, no extra frame).
+        # With several servers self._gate is a _Routed, always "closed": _call routes the key.
         if self._gate._closed_until:
-            return self._call(lambda c: c.get(key))
+            return self._call(key, lambda c: c.get(key))
         client = getattr(self._local, "client", None) or self.client
         try:
             return client.get(key)
         except Exception as exc:
-            error = self._translate(exc)
+            error = self._translate(exc, self._nodes[0])
             if error is exc:
                 raise
             raise error from exc
@@ -264,40 +392,74 @@ class MemcachedBackend(Backend):
         keys = list(keys)
         if not keys:
             return {}
-        return self._call(lambda c: c.get_many(keys))
+        if len(self._nodes) == 1:
+            return self._call(None, lambda c: c.get_many(keys))
+        found: dict[str, bytes] = {}
+
+        def read(node: _Node, batch: list[str]) -> None:
+            found.update(self._call_node(node, lambda c: c.get_many(batch)))
+
+        batches = self._by_node(keys)
+        try:
+            self._each_node(lambda node: read(node, batches[node]) if node in batches else None)
+        except BackendError as exc:
+            exc.found = found  # type: ignore[attr-defined]  # what the other servers returned
+            raise
+        return found
 
     def set(self, key: str, value: bytes, expire: float | None = None) -> None:
-        if not self._call(lambda c: c.set(key, value, expire=self._exptime(expire), noreply=False)):
+        stored = self._call(
+            key, lambda c: c.set(key, value, expire=self._exptime(expire), noreply=False)
+        )
+        if not stored:
             raise BackendRefused(f"memcached refused to store {key!r} ({len(value)} bytes)")
 
     def set_many(self, items: Mapping[str, bytes], expire: float | None = None) -> None:
         if not items:
             return
-        failed = self._call(
-            lambda c: c.set_many(dict(items), expire=self._exptime(expire), noreply=False)
-        )
+        exptime = self._exptime(expire)
+        if len(self._nodes) == 1:
+            failed = self._call(
+                None, lambda c: c.set_many(dict(items), expire=exptime, noreply=False)
+            )
+        else:
+            failed = []
+            batches = self._by_node(items)
+
+            def write(node: _Node) -> None:
+                if node in batches:
+                    batch = {key: items[key] for key in batches[node]}
+                    failed.extend(
+                        self._call_node(
+                            node, lambda c: c.set_many(batch, expire=exptime, noreply=False)
+                        )
+                    )
+
+            self._each_node(write)
         if failed:
             raise BackendRefused(f"memcached refused to store {len(failed)} of {len(items)} items")
 
     def add(self, key: str, value: bytes, expire: float | None = None) -> bool:
         return bool(
-            self._call(lambda c: c.add(key, value, expire=self._exptime(expire), noreply=False))
+            self._call(
+                key, lambda c: c.add(key, value, expire=self._exptime(expire), noreply=False)
+            )
         )
 
     def gets(self, key: str) -> tuple[bytes | None, CasToken]:
-        value, token = self._call(lambda c: c.gets(key))
+        value, token = self._call(key, lambda c: c.gets(key))
         return (None, None) if value is None else (value, token)
 
     def cas(self, key: str, value: bytes, token: CasToken, expire: float | None = None) -> bool:
         if token is None:
             return False
         stored = self._call(
-            lambda c: c.cas(key, value, token, expire=self._exptime(expire), noreply=False)
+            key, lambda c: c.cas(key, value, token, expire=self._exptime(expire), noreply=False)
         )
         return bool(stored)
 
     def delete(self, key: str) -> bool:
-        return bool(self._call(lambda c: c.delete(key, noreply=False)))
+        return bool(self._call(key, lambda c: c.delete(key, noreply=False)))
 
     def delete_many(self, keys: Iterable[str]) -> int:
         # One delete per key (pymemcache's delete_many does not say which keys existed), in
@@ -306,7 +468,7 @@ class MemcachedBackend(Backend):
 
     def incr(self, key: str, delta: int = 1) -> int:
         for _ in range(10):
-            value = self._call(lambda c: c.incr(key, delta, noreply=False))
+            value = self._call(key, lambda c: c.incr(key, delta, noreply=False))
             if value is not None:
                 return int(value)
             if self.add(key, str(delta).encode()):
@@ -314,29 +476,31 @@ class MemcachedBackend(Backend):
         raise BackendError(f"memcached could not increment {key!r}")
 
     def clear(self) -> None:
-        self._call(lambda c: c.flush_all(noreply=False))
+        self._each_node(lambda node: self._call_node(node, lambda c: c.flush_all(noreply=False)))
 
     def info(self) -> dict[str, Any]:
-        client = self.client
-        clients = list(client.clients.values()) if isinstance(client, HashClient) else [client]
         totals: dict[str, Any] = {"items": 0, "bytes": 0, "evictions": 0, "limit_maxbytes": 0}
         names = {"curr_items": "items", "bytes": "bytes", "evictions": "evictions"}
         names["limit_maxbytes"] = "limit_maxbytes"
-        for one in clients:
-            stats = self._call(lambda _c, one=one: one.stats())
+
+        def add_stats(node: _Node) -> None:
+            stats = self._call_node(node, lambda c: c.stats())
             for raw, name in names.items():
                 totals[name] += int(stats.get(raw.encode(), 0))
+
+        self._each_node(add_stats)
         return totals
 
     def close(self) -> None:
-        client = getattr(self._local, "client", None)
-        if client is not None:
-            client.close()
-        self._local = threading.local()
+        for node in self._nodes:
+            client = getattr(node.local, "client", None)
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    client.close()
+        self._reset_nodes()
 
     def _after_fork(self) -> None:
-        self._local = threading.local()  # never write to the parent's socket
-        self._gate.succeeded()
+        self._reset_nodes()  # never write to the parent's sockets; gates start open
 
     def __getstate__(self) -> dict[str, Any]:
         return {

@@ -6,10 +6,10 @@ import itertools
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .base import Backend, CasToken
+from .base import Backend, BackendRefused, CasToken
 
 __all__ = ["MemoryBackend"]
 
@@ -20,7 +20,9 @@ class MemoryBackend(Backend):
     Args:
         capacity: most entries kept; the least recently *used* one is evicted past it.
             ``None`` (default) keeps everything.
-        max_bytes: most value bytes kept, evicting least recently used entries past it.
+        max_bytes: most value bytes kept, evicting least recently used entries past it. A
+            single value larger than ``max_bytes`` is refused (:class:`BackendRefused`) and
+            evicts nothing, as :class:`DiskBackend` does with its ``size_limit``.
 
     Values are stored serialized, so a caller that mutates a returned object never changes
     the cached one. A pickled ``MemoryBackend`` arrives empty in the receiving process.
@@ -57,7 +59,16 @@ class MemoryBackend(Backend):
         self._bytes -= len(entry[0])
         return True
 
+    def _refuse_too_large(self, value: bytes) -> None:
+        if self.max_bytes is not None and len(value) > self.max_bytes:
+            # Keeping it would evict every other entry and still exceed the limit.
+            raise BackendRefused(
+                f"a value of {len(value)} bytes exceeds the memory cache's max_bytes "
+                f"({self.max_bytes} bytes)"
+            )
+
     def _store(self, key: str, value: bytes, expire: float | None) -> None:
+        self._refuse_too_large(value)  # before anything is removed: the old entry stays
         value = bytes(value)
         self._remove(key)
         expire_at = time.time() + expire if expire else 0.0
@@ -118,6 +129,13 @@ class MemoryBackend(Backend):
         with self._lock:
             self._data.clear()
             self._bytes = 0
+
+    def set_many(self, items: Mapping[str, bytes], expire: float | None = None) -> None:
+        with self._lock:
+            for value in items.values():  # all or nothing, as on disk
+                self._refuse_too_large(value)
+            for key, value in items.items():
+                self._store(key, value, expire)
 
     def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
         with self._lock:

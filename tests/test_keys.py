@@ -655,3 +655,15 @@ def test_dict_subclasses_are_canonical_like_dicts():
     b["y"], b["x"] = [2], [1]
     assert value_digest(a) == value_digest(b) != value_digest(dict(a))
     assert value_digest(Counter("abc")) == value_digest(Counter("cba"))
+
+
+def test_a_memoized_class_is_keyed_by_its_code():
+    source = """
+        class Point:
+            def __init__(self, x):
+                self.x = x * {scale}
+    """
+    one = compile_fn(source.format(scale=1), "Point")
+    two = compile_fn(source.format(scale=2), "Point")
+    assert function_digest(one) != function_digest(two)
+    assert function_digest(one) == function_digest(compile_fn(source.format(scale=1), "Point"))

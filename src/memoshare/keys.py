@@ -321,13 +321,8 @@ def _feed_global(hasher: _Hasher, value: Any, module: str, seen: set[int]) -> No
             hasher.text(b"gfn", _name(value))
     elif isinstance(value, type) and value.__module__ == module and id(value) not in seen:
         # A class of the same module: its methods are part of what the function computes.
-        seen.add(id(value))
         hasher.text(b"gcls", _name(value))
-        for attr, member in sorted(vars(value).items()):
-            member = getattr(member, "__func__", member)  # staticmethod, classmethod
-            if isinstance(member, types.FunctionType) and id(member) not in seen:
-                hasher.text(b"member", attr)
-                _feed_function(hasher, member, seen)
+        _feed_methods(hasher, value, seen)
     elif isinstance(value, type | types.BuiltinFunctionType):
         hasher.text(b"gref", _name(value))
         if _bound_to_instance(value):
@@ -342,6 +337,16 @@ def _feed_global(hasher: _Hasher, value: Any, module: str, seen: set[int]) -> No
             # attributes that can be, so that make(Model(1)) and make(Model(2)) still differ.
             hasher.text(b"gtype", _name(type(value)))
             _feed_attributes(hasher, value, depth=3)
+
+
+def _feed_methods(hasher: _Hasher, cls: type, seen: set[int]) -> None:
+    """The code of the methods a class defines (not those it inherits)."""
+    seen.add(id(cls))
+    for attr, member in sorted(vars(cls).items()):
+        member = getattr(member, "__func__", member)  # staticmethod, classmethod
+        if isinstance(member, types.FunctionType) and id(member) not in seen:
+            hasher.text(b"member", attr)
+            _feed_function(hasher, member, seen)
 
 
 def _feed_attributes(hasher: _Hasher, obj: Any, depth: int) -> None:
@@ -463,6 +468,8 @@ def _feed_callable(hasher: _Hasher, fn: Any, seen: set[int]) -> None:
         hasher.text(b"builtin", _name(fn))
         if _bound_to_instance(fn):
             hasher.value(fn.__self__)
+        if isinstance(fn, type):  # a class called for its instances: its methods' code
+            _feed_methods(hasher, fn, seen)
     elif callable(fn) and isinstance(type(fn).__call__, types.FunctionType):
         hasher.tag(b"callable")
         _feed_callable(hasher, type(fn).__call__, seen)

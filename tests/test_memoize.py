@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import logging
 import multiprocessing
 import os
 import pickle
@@ -673,3 +674,16 @@ def test_a_chunked_hit_reads_the_manifest_once(memcached_backend):
     backend.trips.clear()
     assert (big(100_000) == np.arange(100_000)).all() and big.stats.hits == 1
     assert backend.trips == ["get", "get_many"]  # the manifest, then all its chunks
+
+
+def test_an_unreadable_entry_is_recomputed_with_one_warning(memory_backend, caplog):
+    @memoize(memory_backend, time_threshold=10.0, shared_stats=False)  # never stored
+    def f(x):
+        return x + 1
+
+    memory_backend.set(f.cache_key(1), b"ms\\x00garbage")
+    for _ in range(3):
+        assert f(1) == 2  # the entry stays unreadable: recomputed every time
+    assert f.stats.misses == 3 and f.stats.hits == 0
+    warned = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len([r for r in warned if "unreadable" in r.getMessage()]) == 1

@@ -132,6 +132,7 @@ class MemoizedFunction(Generic[P, R]):
         self._get = self.backend.get
         self.stats = CacheStats()
         self._warned_unpicklable = False
+        self._warned_corrupt = False
         # updated=(): copying fn.__dict__ would overwrite this object's own attributes (a
         # memoized function's stats and backend, a callable object's fields).
         functools.update_wrapper(self, fn, updated=())  # type: ignore[arg-type]
@@ -237,7 +238,12 @@ class MemoizedFunction(Generic[P, R]):
         try:
             return True, serialization.loads(payload)
         except serialization.CorruptEntry as exc:
-            logger.warning(
+            # Once per function at WARNING (the recomputed value replaces the entry; a miss
+            # path reads it a second time), then at DEBUG.
+            level = logging.DEBUG if self._warned_corrupt else logging.WARNING
+            self._warned_corrupt = True
+            logger.log(
+                level,
                 "memoshare: unreadable entry %s for %s (%s): recomputing",
                 key,
                 self.__qualname__,

@@ -605,6 +605,23 @@ def test_evictions_are_recomputed_and_warned_once(
     assert len(warnings) == 1
 
 
+def test_the_eviction_warning_is_given_once_per_job(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Two caches of one dataset (two DataLoader workers, say): one warning, the other is told
+    # at INFO level.
+    backend = DiskBackend(tmp_path / "small", size_limit=20_000)
+    data = SlowDataset(40, nbytes=2000)
+    workers = [CachedDataset(data, backend=backend, dataset_name="evict") for _ in range(2)]
+    caplog.set_level(logging.INFO, logger="memoshare")
+    for _ in range(2):
+        for i in range(40):
+            ds = workers[i % 2]  # each worker reads its own half (a sampler's shard)
+            assert_sample(ds[i], i, nbytes=2000)
+    told = [r for r in caplog.records if "smaller than the dataset" in r.getMessage()]
+    assert [r.levelno for r in told] == [logging.WARNING, logging.INFO]
+
+
 @pytest.mark.parametrize("store", ["redis", "memcached"])
 def test_server_eviction_counters_are_read(store: str, caplog: pytest.LogCaptureFixture) -> None:
     if store == "redis":

@@ -403,10 +403,16 @@ class _SampleCache:
         if not (evicted or suspect):
             return
         self._warned_evictions = True
+        try:
+            # One warning for all the processes of a job (each DataLoader worker sees it).
+            first = self.backend.add(self.prefix + "~evictions-warned", b"1", expire=3600)
+        except BackendError:
+            first = True
         needed = ""
         if self.length and self.sizes.samples:
             needed = f" (this dataset needs about {_human(self.sizes.mean * self.length)})"
-        logger.warning(
+        logger.log(
+            logging.WARNING if first else logging.INFO,
             "memoshare: %s: the store evicts entries%s: the cache is smaller than the "
             "dataset%s, so evicted samples are recomputed. Give the store more memory "
             "(memcached -m, Redis maxmemory, DiskBackend size_limit).",

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -233,6 +234,20 @@ def test_exists_many(any_backend):
     assert any_backend.exists_many([]) == set()
 
 
+def stop(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    """SIGSTOP ``proc`` and wait until every thread of it is stopped: the signal is delivered
+    asynchronously, and a thread still running would answer the next request."""
+    proc.send_signal(signal.SIGSTOP)
+    deadline = time.monotonic() + 5.0
+    tasks = Path(f"/proc/{proc.pid}/task")
+    while True:
+        states = [(t / "stat").read_text().rsplit(")", 1)[1].split()[0] for t in tasks.iterdir()]
+        if all(state in "Tt" for state in states):
+            return
+        assert time.monotonic() < deadline, f"memcached not stopped: {states}"
+        time.sleep(0.01)
+
+
 def test_memcached_silent_server_times_out(own_memcached):
     import signal
 
@@ -240,7 +255,7 @@ def test_memcached_silent_server_times_out(own_memcached):
 
     store = MemcachedBackend(own_memcached.address, timeout=0.5, retry_interval=0.1)
     store.set("k", b"1")  # connected
-    own_memcached.proc.send_signal(signal.SIGSTOP)  # up, but never answers
+    stop(own_memcached.proc)  # up, but never answers
     try:
         start = time.monotonic()
         with pytest.raises(BackendTimeout):
@@ -506,7 +521,7 @@ def test_memcached_silent_server_times_out_once_for_its_keys_only(own_memcached)
     keys = [f"key{i}" for i in range(60)]
     store.set_many({k: k.encode() for k in keys})
     silent, live = split_by_server(keys, own_memcached)
-    own_memcached.proc.send_signal(signal.SIGSTOP)  # up, but never answers
+    stop(own_memcached.proc)  # up, but never answers
     try:
         start = time.monotonic()
         with pytest.raises(BackendTimeout):

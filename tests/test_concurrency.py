@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -404,6 +405,27 @@ def test_shared_stats_count_every_call_across_a_reset(disk_backend):
     memoshare.flush_stats()
     (row,) = memoshare.stats(disk_backend, namespace="reset")
     assert (row.hits, row.misses) == (13, 1)
+
+
+def test_a_dead_store_does_not_hold_the_exit():
+    # Forty functions with unflushed counts on stores that are down: the exit flush asks each
+    # store once and gives up within its budget (redis-py alone would back off 4 s a call).
+    script = textwrap.dedent(
+        """
+        from memoshare import MemcachedBackend, memoize
+        from memoshare.backends.redis import RedisBackend
+
+        keep = []
+        for i in range(20):
+            for store in (RedisBackend(port=1), MemcachedBackend("127.0.0.1:1")):
+                fn = memoize(store, stampede=False)(lambda x, i=i: x + i)
+                assert fn(1) == 1 + i
+                keep.append(fn)
+        """
+    )
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    assert time.monotonic() - start < 10.0
 
 
 # -- load ---------------------------------------------------------------------------------------

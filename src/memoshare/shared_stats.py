@@ -44,6 +44,10 @@ NAMESPACES_KEY = "~memoshare:namespaces"
 FLUSH_INTERVAL = float(os.environ.get("MEMOSHARE_STATS_INTERVAL", "5"))
 #: Seconds a multiprocessing child killed by SIGTERM waits for its last flush.
 SIGTERM_WAIT = 2.0
+#: Seconds the flush at exit may take in all (a store that is down must not hold the exit).
+EXIT_FLUSH_BUDGET = 5.0
+#: Failed flushes after which the counts of a collected function are given up.
+RETIRED_TRIES = 3
 
 
 def _counter_key(namespace: str, fn_id: str, field: str) -> str:
@@ -74,17 +78,22 @@ class _Tracked:
     the counts of a function collected before the next flush (a copy unpickled for one Pool
     task chunk, say) are still flushed."""
 
-    __slots__ = ("stats", "backend", "namespace", "fn_id", "name", "baseline", "indexed", "alive")
+    __slots__ = (
+        *("stats", "backend", "store", "namespace", "fn_id", "name", "baseline", "indexed"),
+        *("alive", "failures"),
+    )
 
     def __init__(self, function: MemoizedFunction[Any, Any]) -> None:
         self.stats = function.stats
         self.backend = function.backend
+        self.store = repr(function.backend)  # names the server or directory
         self.namespace = function.namespace
         self.fn_id = function._digest.hex()[:16]  # the first call may take it again
         self.name = function.__qualname__
         self.baseline = self.stats._lifetime()  # an unpickled/forked copy starts from here
         self.indexed = False
         self.alive = True
+        self.failures = 0  # flushes that failed in a row
 
     def retire(self) -> None:
         # Called by the garbage collector: no lock, only a flag the next flush reads.
@@ -119,7 +128,7 @@ class _Flusher:
     def _ensure_running(self) -> None:
         if not self._at_exit_registered:
             self._at_exit_registered = True
-            atexit.register(self.flush)
+            atexit.register(self.flush_at_exit)
             self.register_exit_flush()
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="memoshare-stats", daemon=True)
@@ -129,7 +138,10 @@ class _Flusher:
     def register_exit_flush(self) -> None:
         """Flush when a multiprocessing child exits: it leaves through ``os._exit``, which
         skips atexit, but runs the finalizers that have an exit priority."""
-        multiprocessing.util.Finalize(None, self.flush, exitpriority=100)
+        multiprocessing.util.Finalize(None, self.flush_at_exit, exitpriority=100)
+
+    def flush_at_exit(self) -> None:
+        self.flush(budget=EXIT_FLUSH_BUDGET)
 
     def flush_on_sigterm(self) -> None:
         """In a multiprocessing child, flush before dying of SIGTERM, which is how
@@ -177,15 +189,31 @@ class _Flusher:
                 self._completed = wanted
                 self._requests.notify_all()
 
-    def flush(self) -> None:
+    def flush(self, budget: float | None = None) -> None:
+        """Add every function's new counts to the store, within ``budget`` seconds if given.
+
+        A store that fails is not asked again in the same flush (its other functions keep
+        their counts for the next one). A collected function is forgotten once its counts are
+        stored, or after :data:`RETIRED_TRIES` failed flushes (its counts are then lost).
+        """
+        deadline = None if budget is None else time.monotonic() + budget
         with self._lock:
             self._flushing = threading.get_ident()
             try:
-                keep = []
+                keep, failed_stores = [], set()
                 for entry in self._tracked:
                     alive = entry.alive  # read first: a function counts nothing once gone
-                    if not self._flush_one(entry) or alive:
-                        keep.append(entry)  # dropped once gone and its last counts stored
+                    if entry.store in failed_stores or (
+                        deadline is not None and time.monotonic() > deadline
+                    ):
+                        flushed = False
+                    else:
+                        flushed = self._flush_one(entry)
+                        if not flushed:
+                            failed_stores.add(entry.store)
+                    entry.failures = 0 if flushed else entry.failures + 1
+                    if alive or not (flushed or entry.failures >= RETIRED_TRIES):
+                        keep.append(entry)
                 self._tracked = keep
             finally:
                 self._flushing = None

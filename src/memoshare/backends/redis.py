@@ -11,6 +11,8 @@ from .base import Backend, BackendError, BackendRefused, BackendTimeout, CasToke
 
 try:
     import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 except ImportError as exc:  # pragma: no cover - exercised only without redis-py
     raise ImportError("RedisBackend needs redis-py: pip install 'memoshare[redis]'") from exc
 
@@ -76,10 +78,15 @@ class RedisBackend(Backend):
     def client(self) -> redis.Redis:
         """The redis-py client (created on first use)."""
         if self._client is None:
+            options = dict(self.options)
+            # redis-py retries a failed connection with exponential back-off (4 s to find a
+            # server down). The back-off across calls is the retry gate's job: retry once at
+            # once (a pooled connection the server closed), no more, unless told otherwise.
+            options.setdefault("retry", Retry(NoBackoff(), 1))
             common = dict(
                 socket_timeout=self.socket_timeout,
                 socket_connect_timeout=self.socket_connect_timeout,
-                **self.options,
+                **options,
             )
             if self.url:
                 self._client = redis.Redis.from_url(self.url, **common)

@@ -130,8 +130,8 @@ class _Hasher:
             self.text(b"bif", _name(obj))
             if _bound_to_instance(obj):  # d1.get and d2.get are different functions
                 self.value(obj.__self__)
-        elif _memo_digest(obj) is not None:
-            self.tag(b"memo", _memo_digest(obj))
+        elif (memo := _memo_digest(obj)) is not None:
+            self.tag(b"memo", memo)
         else:
             self.reduced(obj)
 
@@ -311,8 +311,8 @@ def _feed_global(hasher: _Hasher, value: Any, module: str, seen: set[int]) -> No
     can be told."""
     if isinstance(value, types.ModuleType):
         hasher.text(b"mod", value.__name__)
-    elif _memo_digest(value) is not None:
-        hasher.tag(b"memo", _memo_digest(value))
+    elif (memo := _memo_digest(value)) is not None:
+        hasher.tag(b"memo", memo)
     elif isinstance(value, types.FunctionType):
         if value.__module__ == module and id(value) not in seen:
             # A helper of the same module: its code is part of what the function computes.
@@ -450,8 +450,8 @@ def digest_and_pending(
 
 
 def _feed_callable(hasher: _Hasher, fn: Any, seen: set[int]) -> None:
-    if _memo_digest(fn) is not None:
-        hasher.tag(b"memo", _memo_digest(fn))
+    if (memo := _memo_digest(fn)) is not None:
+        hasher.tag(b"memo", memo)
     elif isinstance(fn, functools.partial):
         hasher.tag(b"partial")
         _feed_callable(hasher, fn.func, seen)

@@ -163,6 +163,15 @@ def any_backend(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     return request.getfixturevalue(f"{request.param}_backend")
 
 
+# Multi-process tests need a store that processes share.
+SHARED = ["disk", "memcached", "redis"]
+
+
+@pytest.fixture(params=SHARED)
+def shared_backend(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    return request.getfixturevalue(f"{request.param}_backend")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_default_dir(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch

@@ -1,4 +1,10 @@
-"""The Backend contract, run against every store (real servers for memcached and Redis)."""
+"""The Backend contract run against every store (real servers for memcached and Redis), then
+the tests of one store's own behaviour: LMDB maps and errors, memory limits, several memcached
+servers, outages and silent servers.
+
+The generic tests live in ``backend_contract.py``; each ``Test*Backend`` class below runs all of
+them on one store, given by a fixture of ``conftest.py``.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from backend_contract import BackendContract
 
 from memoshare import DiskBackend, MemcachedBackend, MemoryBackend, make_backend, memoize
 from memoshare.backends import BackendError, BackendRefused, BackendTimeout, BackendUnavailable
@@ -19,102 +26,32 @@ from memoshare.backends import BackendError, BackendRefused, BackendTimeout, Bac
 MIB = 1 << 20
 
 
-def test_get_set_roundtrip(any_backend):
-    assert any_backend.get("k1") is None
-    any_backend.set("k1", b"value")
-    assert any_backend.get("k1") == b"value"
-    any_backend.set("k1", b"other")
-    assert any_backend.get("k1") == b"other"
+# -- the contract, on every store ----------------------------------------------------------------
+class TestMemoryBackend(BackendContract):
+    @pytest.fixture
+    def backend(self, memory_backend):  # type: ignore[no-untyped-def]
+        return memory_backend
 
 
-def test_empty_value_is_not_a_miss(any_backend):
-    any_backend.set("empty", b"")
-    assert any_backend.get("empty") == b""
+class TestDiskBackend(BackendContract):
+    @pytest.fixture
+    def backend(self, disk_backend):  # type: ignore[no-untyped-def]
+        return disk_backend
 
 
-def test_many(any_backend):
-    any_backend.set_many({"a": b"1", "b": b"2", "c": b"3"})
-    assert any_backend.get_many(["a", "c", "missing"]) == {"a": b"1", "c": b"3"}
-    assert any_backend.get_many([]) == {}
-    assert any_backend.delete_many(["a", "b", "missing"]) == 2
-    assert any_backend.get_many(["a", "b", "c"]) == {"c": b"3"}
+class TestMemcachedBackend(BackendContract):
+    @pytest.fixture
+    def backend(self, memcached_backend):  # type: ignore[no-untyped-def]
+        return memcached_backend
 
 
-def test_add_only_when_absent(any_backend):
-    assert any_backend.add("lease", b"me") is True
-    assert any_backend.add("lease", b"you") is False
-    assert any_backend.get("lease") == b"me"
+class TestRedisBackend(BackendContract):
+    @pytest.fixture
+    def backend(self, redis_backend):  # type: ignore[no-untyped-def]
+        return redis_backend
 
 
-def test_cas(any_backend):
-    assert any_backend.gets("x") == (None, None)
-    any_backend.set("x", b"1")
-    value, token = any_backend.gets("x")
-    assert value == b"1"
-    any_backend.set("x", b"2")  # another writer got there first
-    assert any_backend.cas("x", b"3", token) is False
-    value, token = any_backend.gets("x")
-    assert any_backend.cas("x", b"3", token) is True
-    assert any_backend.get("x") == b"3"
-    assert any_backend.cas("gone", b"1", None) is False
-
-
-def test_delete_and_incr(any_backend):
-    any_backend.set("d", b"1")
-    assert any_backend.delete("d") is True
-    assert any_backend.delete("d") is False
-    assert any_backend.incr("n") == 1
-    assert any_backend.incr("n", 5) == 6
-    assert int(any_backend.get("n")) == 6
-
-
-def test_expire(any_backend):
-    any_backend.set("short", b"1", expire=1)
-    any_backend.add("lease", b"1", expire=1)
-    assert any_backend.get("short") == b"1"
-    time.sleep(2.1)
-    assert any_backend.get("short") is None
-    assert any_backend.add("lease", b"2", expire=1) is True
-
-
-def test_clear(any_backend):
-    any_backend.set_many({"a": b"1", "b": b"2"})
-    any_backend.clear()
-    assert any_backend.get_many(["a", "b"]) == {}
-
-
-def test_concurrent_incr_from_threads(any_backend):
-    def work() -> None:
-        for _ in range(50):
-            any_backend.incr("counter")
-
-    threads = [threading.Thread(target=work) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert int(any_backend.get("counter")) == 400
-
-
-def test_pickle_keeps_configuration_only(any_backend):
-    any_backend.set("p", b"1")
-    clone = pickle.loads(pickle.dumps(any_backend))
-    assert type(clone) is type(any_backend)
-    if isinstance(any_backend, MemoryBackend):
-        assert clone.get("p") is None  # in-process store: the copy starts empty
-    else:
-        assert clone.get("p") == b"1"  # same store, own connection
-
-
-def test_keys_with_prefix(any_backend):
-    if isinstance(any_backend, MemcachedBackend):
-        with pytest.raises(NotImplementedError):
-            any_backend.keys("ns:")
-        return
-    any_backend.set_many({"ns:a": b"1", "ns:b": b"2", "other:c": b"3"})
-    assert sorted(any_backend.keys("ns:")) == ["ns:a", "ns:b"]
-
-
+# -- each store's own behaviour -----------------------------------------------------------------
 def test_disk_survives_reopen_and_evicts_oldest(tmp_path):
     store = DiskBackend(tmp_path / "s", size_limit=10_000)
     for i in range(20):
@@ -199,14 +136,6 @@ def test_redis_down_fails_fast_then_retries():
         server.stop()
 
 
-def test_info_reports_items_and_bytes(any_backend):
-    any_backend.set_many({f"i{n}": bytes(100) for n in range(5)})
-    info = any_backend.info()
-    assert info["items"] >= 5
-    assert info["bytes"] >= 500
-    assert "evictions" in info
-
-
 def test_disk_refuses_a_value_above_its_size_limit(tmp_path):
     from memoshare import BackendRefused
 
@@ -225,13 +154,6 @@ def test_disk_clear_does_not_revive_old_cas_tokens(tmp_path):
     store.set("k", b"2")
     assert store.cas("k", b"3", token) is False
     assert store.get("k") == b"2"
-
-
-def test_exists_many(any_backend):
-    any_backend.set_many({"a": b"1", "b": b""})
-    any_backend.set("gone", b"1", expire=1)
-    assert any_backend.exists_many(["a", "b", "c"]) == {"a", "b"}
-    assert any_backend.exists_many([]) == set()
 
 
 def stop(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]

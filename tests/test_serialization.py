@@ -1,4 +1,5 @@
-"""Entries: serialization round trips, damaged bytes, and chunking of large values."""
+"""Entries: serialization round trips, damaged bytes and unpicklable values (chunking of large
+values is in test_storage.py)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,7 @@ import threading
 import numpy as np
 import pytest
 
-from memoshare import (
-    CorruptEntry,
-    MemcachedBackend,
-    MemoryBackend,
-    UnpicklableValue,
-    memoize,
-    storage,
-)
+from memoshare import CorruptEntry, UnpicklableValue
 from memoshare.serialization import FLAG_CHUNKED, HEADER_SIZE, dumps, header, loads
 
 
@@ -179,132 +173,3 @@ def test_unpicklable_values(value):
     with pytest.raises(UnpicklableValue) as info:
         dumps(value)
     assert isinstance(info.value, TypeError)
-
-
-# -- chunking ----------------------------------------------------------------------------------
-class SmallItems(MemoryBackend):
-    """An in-process store with memcached-like item limits."""
-
-    max_item_size = 1024
-
-
-def payload_of(size: int, seed: int = 0) -> bytes:
-    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
-
-
-def chunk_keys(backend, key: str) -> list[str]:
-    nonce, count, _, _ = storage._parse_manifest(backend.get(key))
-    return storage._chunk_keys(key, nonce, count)
-
-
-def test_small_values_are_not_chunked():
-    store = SmallItems()
-    storage.write_entry(store, "k", payload_of(1024))
-    assert store.keys() == ["k"]
-    assert storage.read_entry(store, "k") == payload_of(1024)
-
-
-@pytest.mark.parametrize("size", [1025, 2048, 10_000, 100_001])
-def test_large_values_are_chunked_and_reassembled(size):
-    store = SmallItems()
-    payload = payload_of(size)
-    storage.write_entry(store, "k", payload)
-    chunks = chunk_keys(store, "k")
-    assert len(chunks) == math.ceil(size / 1024)
-    stored_keys = store.keys()
-    assert sorted(stored_keys) == sorted(["k", *chunks])
-    assert all(len(store.get(k)) <= 1024 for k in stored_keys)
-    assert storage.read_entry(store, "k") == payload
-    # a new value under the same key replaces the old one
-    storage.write_entry(store, "k", payload_of(size, seed=1))
-    assert storage.read_entry(store, "k") == payload_of(size, seed=1)
-
-
-def test_missing_or_damaged_chunk_is_a_miss():
-    payload = payload_of(5000)
-    damages = {
-        "deleted": lambda store, k: store.delete(k),
-        "flipped": lambda store, k: store.set(k, bytes([store.get(k)[0] ^ 1]) + store.get(k)[1:]),
-        "truncated": lambda store, k: store.set(k, store.get(k)[:-1]),
-        "emptied": lambda store, k: store.set(k, b""),
-    }
-    for name, damage in damages.items():
-        for index in (0, 2, 4):
-            store = SmallItems()
-            storage.write_entry(store, "k", payload)
-            damage(store, chunk_keys(store, "k")[index])
-            assert storage.read_entry(store, "k") is None, (name, index)
-            assert storage.read_entries(store, ["k"]) == {}, (name, index)
-    store = SmallItems()
-    storage.write_entry(store, "k", payload)
-    first, second = chunk_keys(store, "k")[:2]
-    a, b = store.get(first), store.get(second)
-    store.set(first, b)
-    store.set(second, a)  # swapped chunks
-    assert storage.read_entry(store, "k") is None
-
-
-def test_damaged_manifest_is_a_miss():
-    store = SmallItems()
-    storage.write_entry(store, "k", payload_of(5000))
-    storage.write_entry(store, "plain", b"small")
-    store.set("k", store.get("k")[:-3])
-    assert storage.read_entry(store, "k") is None
-    assert storage.read_entries(store, ["k", "plain"]) == {"plain": b"small"}
-
-
-def test_read_entries_mixes_chunked_and_plain():
-    store = SmallItems()
-    entries = {f"big{i}": payload_of(3000 + i, seed=i) for i in range(3)}
-    entries.update({f"small{i}": payload_of(10 + i, seed=i) for i in range(3)})
-    storage.write_entries(store, entries)
-    store.delete(chunk_keys(store, "big1")[1])  # big1 lost a chunk
-    found = storage.read_entries(store, [*entries, "absent"])
-    expected = {k: v for k, v in entries.items() if k != "big1"}
-    assert found == expected
-
-
-def test_add_and_replace_chunked_entries():
-    store = SmallItems()
-    assert storage.add_entry(store, "k", payload_of(4000)) is True
-    assert storage.add_entry(store, "k", payload_of(4000, seed=1)) is False
-    data, token = storage.read_entry_for_update(store, "k")
-    assert data == payload_of(4000)
-    assert storage.replace_entry(store, "k", payload_of(6000, seed=2), token) is True
-    assert storage.read_entry(store, "k") == payload_of(6000, seed=2)
-    assert storage.replace_entry(store, "k", payload_of(10), token) is False  # stale token
-    assert storage.read_entry(store, "k") == payload_of(6000, seed=2)
-
-
-def test_chunking_on_memcached(memcached_server, memcached_backend):
-    store = MemcachedBackend(memcached_server.address, max_item_size=4096)
-    payload = payload_of(50_000)
-    storage.write_entry(store, "k", payload)
-    storage.write_entry(store, "plain", b"p")
-    chunks = chunk_keys(store, "k")
-    assert len(chunks) == math.ceil(50_000 / 4096)
-    assert storage.read_entry(store, "k") == payload
-    assert storage.read_entries(store, ["k", "plain", "absent"]) == {"k": payload, "plain": b"p"}
-    store.delete(chunks[-1])
-    assert storage.read_entry(store, "k") is None
-    assert storage.read_entries(store, ["k", "plain"]) == {"plain": b"p"}
-
-
-def test_twenty_megabyte_array_through_memcached(memcached_backend):
-    calls = []
-
-    @memoize(memcached_backend)
-    def big(seed):
-        calls.append(seed)
-        return np.random.default_rng(seed).standard_normal(20 * 2**20 // 8)
-
-    first = big(7)
-    second = big(7)
-    assert calls == [7]
-    assert big.stats.hits == 1 and big.stats.misses == 1 and big.stats.sets == 1
-    assert second.nbytes == 20 * 2**20
-    np.testing.assert_array_equal(first, second)
-    assert second.flags.writeable
-    manifest = memcached_backend.get(big.cache_key(7))
-    assert len(manifest) < 100  # the entry itself is a manifest; the data is in chunks
-    assert len(chunk_keys(memcached_backend, big.cache_key(7))) >= 20

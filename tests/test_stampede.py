@@ -1,0 +1,137 @@
+"""Stampede protection (:mod:`memoshare.stampede`): one computation for many processes, leases
+that expire with a crashed worker, holders that do not store, waiters that stop waiting."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+
+from memoshare import memoize
+
+FORK = mp.get_context("fork")
+
+
+def _call_at_once(fn, arg, barrier, out) -> None:  # type: ignore[no-untyped-def]
+    barrier.wait()
+    start = time.monotonic()
+    value = fn(arg)
+    out.put((value, time.monotonic() - start, fn.stats.asdict()))
+
+
+def _run_together(fn, arg, workers: int = 8):  # type: ignore[no-untyped-def]
+    barrier, out = FORK.Barrier(workers), FORK.Queue()
+    procs = [
+        FORK.Process(target=_call_at_once, args=(fn, arg, barrier, out)) for _ in range(workers)
+    ]
+    start = time.monotonic()
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=60) for _ in procs]
+    elapsed = time.monotonic() - start
+    for p in procs:
+        p.join(30)
+    return results, elapsed
+
+
+def test_stampede_one_computation_for_eight_processes(shared_backend):
+    runs = f"{shared_backend!r}-runs"
+
+    @memoize(shared_backend, shared_stats=False)
+    def slow(x):
+        shared_backend.incr(runs)  # counted in the store: visible across processes
+        time.sleep(1.0)
+        return {"x": x, "squared": x * x}
+
+    results, elapsed = _run_together(slow, 7)
+    assert int(shared_backend.get(runs)) == 1
+    assert all(value == {"x": 7, "squared": 49} for value, _, _ in results)
+    assert elapsed < 4.0  # far below the 8 s of eight computations
+    assert sum(s["misses"] for _, _, s in results) == 1
+    assert sum(s["hits"] for _, _, s in results) == 7
+
+
+def test_stampede_off_computes_in_every_process(disk_backend):
+    runs = "runs"
+
+    @memoize(disk_backend, stampede=False, shared_stats=False)
+    def slow(x):
+        disk_backend.incr(runs)
+        time.sleep(0.5)
+        return x
+
+    _run_together(slow, 1, workers=4)
+    assert int(disk_backend.get(runs)) == 4
+
+
+def _hold_lease_and_die(fn) -> None:  # type: ignore[no-untyped-def]
+    fn(5)  # the function blocks; the test kills this process while it holds the lease
+
+
+def test_expired_lease_of_a_crashed_worker_lets_others_compute(memcached_backend):
+    @memoize(memcached_backend, lease_timeout=2.0, wait_timeout=30.0, shared_stats=False)
+    def stuck(x):
+        if os.environ.get("MEMOSHARE_TEST_STUCK") == "1":
+            time.sleep(60)
+        return x * 10
+
+    os.environ["MEMOSHARE_TEST_STUCK"] = "1"
+    try:
+        holder = FORK.Process(target=_hold_lease_and_die, args=(stuck,))
+        holder.start()
+        deadline = time.monotonic() + 10
+        while memcached_backend.get(stuck.cache_key(5) + "~lease") is None:
+            assert time.monotonic() < deadline, "the worker never took the lease"
+            time.sleep(0.02)
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.join(10)
+    finally:
+        os.environ.pop("MEMOSHARE_TEST_STUCK")
+    start = time.monotonic()
+    assert stuck(5) == 50  # waits for the dead worker's lease to expire, then computes
+    # memcached expires at whole-second ticks: the lease is gone 1 to 2 s after it was taken,
+    # long before the 30 s wait_timeout would have let this caller compute anyway.
+    assert time.monotonic() - start < 5.0
+    assert stuck.stats.misses == 1
+
+
+def test_holder_that_does_not_store_releases_waiters_quickly(disk_backend):
+    @memoize(disk_backend, time_threshold=10.0, shared_stats=False)  # never stored
+    def fast(x):
+        time.sleep(0.3)
+        return x + 1
+
+    results, _ = _run_together(fast, 1, workers=8)
+    assert all(value == 2 for value, _, _ in results)
+    # The holder marks its lease "uncached": the waiters compute together (0.3 s + 0.3 s)
+    # instead of taking turns for the lease (8 x 0.3 s), or sitting out the 60 s lease.
+    assert max(duration for _, duration, _ in results) < 1.5
+    assert sum(s["misses"] for _, _, s in results) == 8
+
+
+def _hold_lease_for(fn, seconds: float) -> None:  # type: ignore[no-untyped-def]
+    os.environ["MEMOSHARE_TEST_HOLD"] = str(seconds)
+    fn(1)
+
+
+def test_waiter_computes_itself_after_wait_timeout(disk_backend):
+    @memoize(disk_backend, lease_timeout=60.0, wait_timeout=1.0, shared_stats=False)
+    def slow(x):
+        time.sleep(float(os.environ.get("MEMOSHARE_TEST_HOLD", "0")))
+        return x * 3
+
+    holder = FORK.Process(target=_hold_lease_for, args=(slow, 8.0))
+    holder.start()
+    try:
+        deadline = time.monotonic() + 10
+        while disk_backend.get(slow.cache_key(1) + "~lease") is None:
+            assert time.monotonic() < deadline, "the holder never took the lease"
+            time.sleep(0.02)
+        start = time.monotonic()
+        assert slow(1) == 3  # the holder is alive and holds its lease for 8 s
+        assert 1.0 <= time.monotonic() - start < 4.0
+        assert slow.stats.misses == 1
+    finally:
+        holder.kill()
+        holder.join(10)

@@ -14,14 +14,15 @@ import time
 import numpy as np
 import pytest
 
-from memoshare import MemcachedBackend, memoize, serialization, storage
+from memoshare import MemcachedBackend, memoize, serialization
 from memoshare.moments import Moments
+from memoshare.storage import EntryStore
 
 FORK = mp.get_context("fork")
 
 
 def _stored_moments(fn, *args) -> Moments:  # type: ignore[no-untyped-def]
-    payload = storage.read_entry(fn.backend, fn.cache_key(*args))
+    payload = EntryStore(fn.backend).read(fn.cache_key(*args))
     assert payload is not None
     record = serialization.loads(payload)
     assert isinstance(record, Moments)

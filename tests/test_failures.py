@@ -13,8 +13,9 @@ import time
 import numpy as np
 import pytest
 
-from memoshare import BackendError, BackendTimeout, DiskBackend, MemcachedBackend, memoize, storage
+from memoshare import BackendError, BackendTimeout, DiskBackend, MemcachedBackend, memoize
 from memoshare.serialization import loads
+from memoshare.storage import EntryStore
 
 RETRY = 0.1
 
@@ -196,7 +197,7 @@ def test_disk_entries_are_never_half_written(tmp_path):
     assert len(keys) >= 3
     reader = memoize(store, namespace="crash", signature=b"crash-test")(_expected)
     for key in keys:
-        value = loads(storage.read_entry(store, key))
+        value = loads(EntryStore(store).read(key))
         i = int(value[0])
         assert reader.cache_key(i) == key  # the value under the key is the one for the key
         np.testing.assert_array_equal(value, _expected(i))

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -90,12 +91,31 @@ def test_ignore_args_by_position_or_keyword():
     assert memo(f).cache_key(1, 5) != memo(f).cache_key(1, 6)  # control: not ignored
 
 
-def test_ignore_args_unknown_name_fails_at_decoration():
+def test_ignore_args_name_that_can_never_arrive_warns_once_at_decoration():
+    # pyDVL code ignores job_id on functions that may not take it: accepted, with a warning.
     def f(x, job_id):
         return x
 
-    with pytest.raises(ValueError, match="jobid"):
-        memoize(MemoryBackend(), ignore_args=["jobid"])(f)
+    with pytest.warns(UserWarning, match="jobid") as caught:
+        memo = memoize(MemoryBackend(), ignore_args=["jobid"])(f)
+    assert len(caught) == 1
+    assert memo.cache_key(1, 2) != memo.cache_key(1, 3)  # job_id is still part of the key
+
+
+def test_ignore_args_names_arriving_through_kwargs_are_left_out():
+    def utility(indices, *args, **kwargs):
+        return sum(indices)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a **kwargs function can receive any name: no warning
+        memo = memoize(MemoryBackend(), ignore_args=["job_id", "run_id"])(utility)
+    base = memo.cache_key([1, 2])
+    assert memo.cache_key([1, 2], job_id=3) == base
+    assert memo.cache_key([1, 2], job_id=4, run_id=7) == base
+    assert memo.cache_key([1, 2], job_id=4, other=1) != base  # other names still count
+    assert memo.cache_key([1, 2], 5, job_id=4) != base  # and so do positional extras
+    assert memo([1, 2], job_id=1) == memo([1, 2], job_id=2) == 3
+    assert (memo.stats.misses, memo.stats.hits) == (1, 1)
 
 
 def test_ignore_args_plain_string_is_a_type_error():
@@ -384,9 +404,8 @@ def test_namespace_is_the_prefix():
     "namespace", ["", "has space", "tab\there", "new\nline", "nul\x00", "é", "n" * 101, "\x7f"]
 )
 def test_invalid_namespace_fails_at_decoration(namespace):
-    decorator = memoize(MemoryBackend(), namespace=namespace)
     with pytest.raises(ValueError, match="namespace"):
-        decorator(identity)
+        memoize(MemoryBackend(), namespace=namespace)(identity)
 
 
 @pytest.mark.parametrize(

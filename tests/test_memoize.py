@@ -28,9 +28,9 @@ from memoshare import (
     UnpicklableValue,
     memcached,
     memoize,
-    storage,
 )
 from memoshare.serialization import dumps, loads
+from memoshare.storage import EntryStore
 
 # A module-level memoized function, pickled by reference. Its store must be the same in a
 # spawned child, which imports this module afresh: the directory travels in the environment.
@@ -46,7 +46,7 @@ def module_square(x):
 
 
 def stored_moments(fn: MemoizedFunction, *args) -> Moments:
-    payload = storage.read_entry(fn.backend, fn.cache_key(*args))
+    payload = EntryStore(fn.backend).read(fn.cache_key(*args))
     assert payload is not None
     record = loads(payload)
     assert isinstance(record, Moments)
@@ -137,7 +137,7 @@ def test_invalidate_and_cache_key(any_backend):
     assert calls == []  # cache_key computes nothing
     assert any_backend.get(key) is None
     f(1)
-    assert loads(storage.read_entry(any_backend, key)) == 2
+    assert loads(EntryStore(any_backend).read(key)) == 2
     assert f.invalidate(1) is True
     assert any_backend.get(key) is None
     assert f.invalidate(1) is False
@@ -403,8 +403,7 @@ def test_stochastic_entry_with_a_lost_chunk_is_rebuilt():
         return np.ones(1000)
 
     noisy(0)
-    nonce, count, _, _ = storage._parse_manifest(store.get(noisy.cache_key(0)))
-    store.delete(storage._chunk_keys(noisy.cache_key(0), nonce, count)[0])
+    store.delete(EntryStore(store).chunk_keys(noisy.cache_key(0))[0])
     start = time.monotonic()
     noisy(0)
     assert time.monotonic() - start < 1.0  # no retry loop against an entry that never reads
@@ -568,7 +567,7 @@ def test_pydvl_default_threshold_skips_fast_calls(memcached_server, memcached_ba
     fast(1)
     fast(1)
     assert (fast.stats.misses, fast.stats.hits, fast.stats.sets) == (2, 0, 0)
-    assert fast.time_threshold == 0.3
+    assert fast.options.time_threshold == 0.3
 
 
 def test_stored_format_is_a_plain_entry(memory_backend):
@@ -608,7 +607,7 @@ def test_invalidate_removes_the_chunks_too(memcached_backend):
 
     blob(40)  # ~10 KB: about ten chunks
     key = blob.cache_key(40)
-    prefix_count = len(storage.read_entry(small_items, key))
+    prefix_count = len(EntryStore(small_items).read(key))
     assert prefix_count > 10 * 1024 - 1
     manifest = small_items.get(key)
     assert blob.invalidate(40) is True

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from memoshare import MemcachedBackend, MemoryBackend, memoize, storage
+from memoshare import MemcachedBackend, MemoryBackend, memoize
+from memoshare.storage import EntryStore
 
 
 # -- chunking ----------------------------------------------------------------------------------
@@ -23,31 +24,32 @@ def payload_of(size: int, seed: int = 0) -> bytes:
 
 
 def chunk_keys(backend, key: str) -> list[str]:
-    nonce, count, _, _ = storage._parse_manifest(backend.get(key))
-    return storage._chunk_keys(key, nonce, count)
+    keys = EntryStore(backend).chunk_keys(key)
+    assert keys, f"{key} is not chunked"
+    return keys
 
 
 def test_small_values_are_not_chunked():
     store = SmallItems()
-    storage.write_entry(store, "k", payload_of(1024))
+    EntryStore(store).write("k", payload_of(1024))
     assert store.keys() == ["k"]
-    assert storage.read_entry(store, "k") == payload_of(1024)
+    assert EntryStore(store).read("k") == payload_of(1024)
 
 
 @pytest.mark.parametrize("size", [1025, 2048, 10_000, 100_001])
 def test_large_values_are_chunked_and_reassembled(size):
     store = SmallItems()
     payload = payload_of(size)
-    storage.write_entry(store, "k", payload)
+    EntryStore(store).write("k", payload)
     chunks = chunk_keys(store, "k")
     assert len(chunks) == math.ceil(size / 1024)
     stored_keys = store.keys()
     assert sorted(stored_keys) == sorted(["k", *chunks])
     assert all(len(store.get(k)) <= 1024 for k in stored_keys)
-    assert storage.read_entry(store, "k") == payload
+    assert EntryStore(store).read("k") == payload
     # a new value under the same key replaces the old one
-    storage.write_entry(store, "k", payload_of(size, seed=1))
-    assert storage.read_entry(store, "k") == payload_of(size, seed=1)
+    EntryStore(store).write("k", payload_of(size, seed=1))
+    assert EntryStore(store).read("k") == payload_of(size, seed=1)
 
 
 def test_missing_or_damaged_chunk_is_a_miss():
@@ -61,63 +63,97 @@ def test_missing_or_damaged_chunk_is_a_miss():
     for name, damage in damages.items():
         for index in (0, 2, 4):
             store = SmallItems()
-            storage.write_entry(store, "k", payload)
+            EntryStore(store).write("k", payload)
             damage(store, chunk_keys(store, "k")[index])
-            assert storage.read_entry(store, "k") is None, (name, index)
-            assert storage.read_entries(store, ["k"]) == {}, (name, index)
+            assert EntryStore(store).read("k") is None, (name, index)
+            assert EntryStore(store).read_many(["k"]) == {}, (name, index)
     store = SmallItems()
-    storage.write_entry(store, "k", payload)
+    EntryStore(store).write("k", payload)
     first, second = chunk_keys(store, "k")[:2]
     a, b = store.get(first), store.get(second)
     store.set(first, b)
     store.set(second, a)  # swapped chunks
-    assert storage.read_entry(store, "k") is None
+    assert EntryStore(store).read("k") is None
 
 
 def test_damaged_manifest_is_a_miss():
     store = SmallItems()
-    storage.write_entry(store, "k", payload_of(5000))
-    storage.write_entry(store, "plain", b"small")
+    EntryStore(store).write("k", payload_of(5000))
+    EntryStore(store).write("plain", b"small")
     store.set("k", store.get("k")[:-3])
-    assert storage.read_entry(store, "k") is None
-    assert storage.read_entries(store, ["k", "plain"]) == {"plain": b"small"}
+    assert EntryStore(store).read("k") is None
+    assert EntryStore(store).read_many(["k", "plain"]) == {"plain": b"small"}
 
 
 def test_read_entries_mixes_chunked_and_plain():
     store = SmallItems()
     entries = {f"big{i}": payload_of(3000 + i, seed=i) for i in range(3)}
     entries.update({f"small{i}": payload_of(10 + i, seed=i) for i in range(3)})
-    storage.write_entries(store, entries)
+    EntryStore(store).write_many(entries)
     store.delete(chunk_keys(store, "big1")[1])  # big1 lost a chunk
-    found = storage.read_entries(store, [*entries, "absent"])
+    found = EntryStore(store).read_many([*entries, "absent"])
     expected = {k: v for k, v in entries.items() if k != "big1"}
     assert found == expected
 
 
-def test_add_and_replace_chunked_entries():
+def test_add_and_update_chunked_entries():
     store = SmallItems()
-    assert storage.add_entry(store, "k", payload_of(4000)) is True
-    assert storage.add_entry(store, "k", payload_of(4000, seed=1)) is False
-    data, token = storage.read_entry_for_update(store, "k")
-    assert data == payload_of(4000)
-    assert storage.replace_entry(store, "k", payload_of(6000, seed=2), token) is True
-    assert storage.read_entry(store, "k") == payload_of(6000, seed=2)
-    assert storage.replace_entry(store, "k", payload_of(10), token) is False  # stale token
-    assert storage.read_entry(store, "k") == payload_of(6000, seed=2)
+    entries = EntryStore(store)
+    assert entries.add("k", payload_of(4000)) is True
+    assert entries.add("k", payload_of(4000, seed=1)) is False
+    seen = []
+
+    def replace(current):
+        seen.append(current)
+        if len(seen) == 1:  # another writer changes the entry between our read and our write
+            entries.write("k", payload_of(10, seed=3))
+        return payload_of(6000, seed=2)
+
+    assert entries.update("k", replace) == payload_of(6000, seed=2)
+    assert seen == [payload_of(4000), payload_of(10, seed=3)]  # the lost race was read again
+    assert entries.read("k") == payload_of(6000, seed=2)
+    assert entries.update("k", lambda current: None) is None  # declined: left as it is
+    assert entries.read("k") == payload_of(6000, seed=2)
+
+
+def test_update_of_an_absent_or_unreadable_entry_starts_from_none():
+    store = SmallItems()
+    entries = EntryStore(store)
+    assert entries.update("new", lambda current: b"first" if current is None else b"no") == b"first"
+    entries.write("k", payload_of(5000))
+    store.delete(chunk_keys(store, "k")[0])  # a lost chunk: the entry cannot be read
+    assert entries.update("k", lambda c: b"fresh" if c is None else b"no") == b"fresh"
+    assert entries.read("k") == b"fresh"
+
+
+def test_update_gives_up_after_losing_every_race():
+    from memoshare import ContendedUpdate
+
+    store = SmallItems()
+    entries = EntryStore(store)
+    entries.write("k", b"v0")
+    rounds = iter(range(1000))
+
+    def always_overtaken(current):
+        store.set("k", f"v{next(rounds)}".encode())  # someone else wins every time
+        return b"mine"
+
+    with pytest.raises(ContendedUpdate):
+        entries.update("k", always_overtaken, attempts=5)
 
 
 def test_chunking_on_memcached(memcached_server, memcached_backend):
     store = MemcachedBackend(memcached_server.address, max_item_size=4096)
     payload = payload_of(50_000)
-    storage.write_entry(store, "k", payload)
-    storage.write_entry(store, "plain", b"p")
+    EntryStore(store).write("k", payload)
+    EntryStore(store).write("plain", b"p")
     chunks = chunk_keys(store, "k")
     assert len(chunks) == math.ceil(50_000 / 4096)
-    assert storage.read_entry(store, "k") == payload
-    assert storage.read_entries(store, ["k", "plain", "absent"]) == {"k": payload, "plain": b"p"}
+    assert EntryStore(store).read("k") == payload
+    assert EntryStore(store).read_many(["k", "plain", "absent"]) == {"k": payload, "plain": b"p"}
     store.delete(chunks[-1])
-    assert storage.read_entry(store, "k") is None
-    assert storage.read_entries(store, ["k", "plain"]) == {"plain": b"p"}
+    assert EntryStore(store).read("k") is None
+    assert EntryStore(store).read_many(["k", "plain"]) == {"plain": b"p"}
 
 
 def test_twenty_megabyte_array_through_memcached(memcached_backend):

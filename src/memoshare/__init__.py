@@ -15,10 +15,6 @@ memcached or Redis, every machine) that makes the same call::
 
 from .backends import (
     Backend,
-    BackendError,
-    BackendRefused,
-    BackendTimeout,
-    BackendUnavailable,
     DiskBackend,
     MemcachedBackend,
     MemcachedClientConfig,
@@ -26,12 +22,23 @@ from .backends import (
     default_backend,
     make_backend,
 )
+from .compat import memcached
 from .counters import CacheStats, StatsSnapshot
-from .datasets import CachedDataset, CacheLoader, IncompleteCacheError
+from .datasets import CachedDataset, CacheLoader
+from .errors import (
+    BackendError,
+    BackendRefused,
+    BackendTimeout,
+    BackendUnavailable,
+    ContendedUpdate,
+    CorruptEntry,
+    IncompleteCacheError,
+    MemoshareError,
+    UnpicklableValue,
+)
 from .keys import function_digest, value_digest
-from .memoize import MemoizedFunction, memcached, memoize
+from .memoize import MemoizedFunction, MemoizeOptions, memoize
 from .moments import Moments
-from .serialization import CorruptEntry, UnpicklableValue
 from .shared_stats import FunctionStats, flush_stats, stats
 
 __version__ = "0.1.0"
@@ -45,14 +52,17 @@ __all__ = [
     "CacheLoader",
     "CacheStats",
     "CachedDataset",
+    "ContendedUpdate",
     "CorruptEntry",
     "DiskBackend",
     "FunctionStats",
     "IncompleteCacheError",
     "MemcachedBackend",
     "MemcachedClientConfig",
+    "MemoizeOptions",
     "MemoizedFunction",
     "MemoryBackend",
+    "MemoshareError",
     "Moments",
     "StatsSnapshot",
     "UnpicklableValue",

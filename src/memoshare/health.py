@@ -9,10 +9,10 @@ is logged once and only that value stays uncached. With ``strict=True`` every er
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 
-from .backends import BackendError, BackendRefused, BackendTimeout
 from .counters import CacheStats
+from .errors import BackendError, BackendRefused, BackendTimeout
 
 __all__ = ["StoreHealth"]
 
@@ -66,7 +66,7 @@ class StoreHealth:
                     exc,
                 )
             return
-        server = getattr(exc, "server", None) if self._locate is not None else None
+        server = exc.server if self._locate is not None else None
         is_write = what not in _READS
         if server in self._down:
             self._down[server] = self._down[server] and is_write
@@ -81,22 +81,28 @@ class StoreHealth:
             exc,
         )
 
-    def ok(self, key: str | None = None) -> None:
-        """A read (of ``key``) succeeded: end the outage of its server (counted in
+    def ok(self, key: str) -> None:
+        """A read of ``key`` succeeded: end the outage of its server (counted in
         ``reconnects``), unless only writes failed there."""
         if self.failing:
-            self._recovered(key, reads=True)
+            self._recovered((key,), reads=True)
 
-    def write_ok(self, key: str | None = None) -> None:
-        """A write (of ``key``) succeeded: end the outage of its server."""
+    def ok_many(self, keys: Iterable[str]) -> None:
+        """A batch read of ``keys`` succeeded: end the outages of their servers."""
         if self.failing:
-            self._recovered(key, reads=False)
+            self._recovered(keys, reads=True)
 
-    def _recovered(self, key: str | None, reads: bool) -> None:
-        if key is None or self._locate is None:
-            servers = list(self._down)  # no way to tell: the store answered
+    def write_ok(self, keys: Iterable[str]) -> None:
+        """A write of ``keys`` succeeded: end the outages of their servers."""
+        if self.failing:
+            self._recovered(keys, reads=False)
+
+    def _recovered(self, keys: Iterable[str], reads: bool) -> None:
+        servers: set[Hashable] = {None}  # the store as a whole answered
+        if self._locate is not None:
+            servers.update(self._locate(key) for key in keys)
         else:
-            servers = [None, self._locate(key)]
+            servers.update(self._down)  # one server: it answered
         ended = False
         for server in servers:
             writes_only = self._down.get(server)

@@ -1,81 +1,44 @@
-"""Cache keys: a blake2b digest of what the function is and of what it was called with.
+"""Keys of calls: ``<namespace>:<blake2b hex>`` of the function part and the bound arguments.
 
-Two rules make a key trustworthy:
-
-* **Equal calls, equal keys, everywhere.** Arguments are encoded by a canonical, type-tagged
-  walk, not by ``pickle`` (whose output for a ``set`` of strings changes from one process to the
-  next, as string hashing is randomized). Sets and dict items are ordered by the digests of
-  their elements; numpy arrays are fed to the hash from their memory, without a copy.
-* **Different functions, different keys.** The function part covers the bytecode and constants
-  (through nested code objects), defaults, closure values and the globals the code names, so
-  editing any of them starts a fresh set of entries.
-
-Edge cases, by design: ``1``, ``1.0`` and ``True`` are different keys (types are part of the
-key, like ``functools.lru_cache(typed=True)``); ``-0.0`` and ``0.0`` are different keys (their
-bits differ and a function may tell them apart); every NaN is the same key (so ``f(nan)`` can be
-a hit although ``nan != nan``); dicts equal as dicts give one key whatever their insertion order;
-a ``list`` and a ``tuple`` with the same items are different keys.
+The function part (:func:`function_part`) is a digest of the function's code (see
+:mod:`memoshare.digest`), or of a pinned ``signature=`` or ``version=``. :class:`KeyBuilder`
+binds each call's arguments to the signature, leaves out ``ignore_args`` and feeds the rest to
+a copy of a hasher seeded with the function part. Calls with only plain scalars take a fast path
+(one ``update`` per argument, and a per-process memo of whole keys).
 """
 
 from __future__ import annotations
 
-import collections
-import copyreg
-import dis
-import functools
 import hashlib
 import inspect
-import math
 import re
-import struct
-import sys
-import types
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import numpy as np
+from .digest import (
+    DIGEST_SIZE,
+    NAN_BYTES,
+    CanonicalEncoder,
+    digest_and_pending,
+    f64,
+    function_digest,
+    identity,
+    u64,
+    value_digest,
+)
 
 __all__ = [
     "DEFAULT_NAMESPACE",
     "KeyBuilder",
     "check_namespace",
     "function_digest",
+    "function_part",
     "value_digest",
 ]
 
 DEFAULT_NAMESPACE = "memoshare"
-DIGEST_SIZE = 32
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.\-/@+=]{1,100}")
-
-_u64 = struct.Struct("<Q").pack
-_f64 = struct.Struct("<d").pack
-_NAN = _f64(math.nan)
-
-
-def _name(obj: Any) -> str:
-    """``module.qualname`` of a function or class, the same in every process.
-
-    multiprocessing's "spawn" workers import the main script as ``__mp_main__``: it is the
-    same code as ``__main__``, so it gets the same name (and the same keys).
-    """
-    return f"{_module(obj)}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
-
-
-def _memo_digest(obj: Any) -> bytes | None:
-    """The function part of a memoized function (None for anything else, its class included)."""
-    digest = getattr(obj, "_memoshare_digest", None)
-    return digest if isinstance(digest, bytes) else None
-
-
-def _bound_to_instance(fn: Any) -> bool:
-    """Whether a builtin function is a method bound to an object (``d.get``, ``[].append``)."""
-    owner = getattr(fn, "__self__", None)
-    return owner is not None and not isinstance(owner, types.ModuleType | type)
-
-
-def _module(obj: Any) -> str:
-    module = getattr(obj, "__module__", None) or ""
-    return "__main__" if module == "__mp_main__" else module
 
 
 def check_namespace(namespace: str) -> str:
@@ -89,428 +52,42 @@ def check_namespace(namespace: str) -> str:
     return namespace
 
 
-class _Hasher:
-    """A canonical encoder feeding a blake2b object."""
-
-    __slots__ = ("h", "_stack", "pending")
-
-    def __init__(self, h: Any) -> None:
-        self.h = h
-        self._stack: list[int] = []  # ids of the containers being encoded, for cycles
-        # The function part named something not defined yet (a helper below the function, the
-        # class a method is defined in): the digest must be taken again once it exists.
-        self.pending = False
-
-    def tag(self, tag: bytes, data: bytes | memoryview = b"") -> None:
-        if len(data) < 4096:
-            self.h.update(tag + _u64(len(data)) + data)
-        else:  # large buffers (arrays) are fed in place, never copied
-            self.h.update(tag + _u64(len(data)))
-            self.h.update(data)
-
-    def text(self, tag: bytes, s: str) -> None:
-        self.tag(tag, s.encode("utf-8", "surrogatepass"))
-
-    # -- values --------------------------------------------------------------------------------
-    def value(self, obj: Any) -> None:
-        encode = _EXACT.get(type(obj))
-        if encode is not None:
-            encode(self, obj)
-            return
-        if isinstance(obj, np.generic):
-            self.tag(b"npscalar")  # np.float64(2) and np.array(2.0) are different arguments
-            self.array(np.asarray(obj))
-        elif isinstance(obj, types.FunctionType | functools.partial | types.MethodType):
-            self.tag(b"fn", function_digest(obj))
-        elif isinstance(obj, type):
-            self.text(b"cls", _name(obj))
-        elif isinstance(obj, types.ModuleType):
-            self.text(b"mod", obj.__name__)
-        elif isinstance(obj, types.BuiltinFunctionType):
-            self.text(b"bif", _name(obj))
-            if _bound_to_instance(obj):  # d1.get and d2.get are different functions
-                self.value(obj.__self__)
-        elif (memo := _memo_digest(obj)) is not None:
-            self.tag(b"memo", memo)
-        else:
-            self.reduced(obj)
-
-    def container(self, tag: bytes, obj: Any, items: Iterable[Any]) -> None:
-        if id(obj) in self._stack:
-            self.tag(b"cycle", _u64(len(self._stack) - self._stack.index(id(obj))))
-            return
-        self._stack.append(id(obj))
-        try:
-            self.tag(tag, _u64(len(obj)))
-            for item in items:
-                self.value(item)
-        finally:
-            self._stack.pop()
-
-    def unordered(self, tag: bytes, obj: Any, items: Iterable[Any]) -> None:
-        """Feed items in an order that does not depend on hashing or insertion order."""
-        digests = []
-        for item in items:
-            sub = _Hasher(hashlib.blake2b(digest_size=16))
-            sub._stack = self._stack
-            sub.value(item)
-            digests.append(sub.h.digest())
-        digests.sort()
-        self.tag(tag, b"".join(digests))
-
-    def dict(self, obj: dict[Any, Any]) -> None:
-        if id(obj) in self._stack:
-            self.tag(b"cycle", b"")
-            return
-        self._stack.append(id(obj))
-        try:
-            self.unordered(b"dict", obj, obj.items())
-        finally:
-            self._stack.pop()
-
-    def array(self, arr: np.ndarray) -> None:
-        if arr.dtype.hasobject:
-            self.tag(b"oarr", repr(arr.shape).encode())
-            items = arr.ravel(order="C").tolist()  # a list even for a 0-d array
-            self.container(b"oitems", items, items)
-            return
-        shape = arr.shape  # before ascontiguousarray, which makes a 0-d array 1-d
-        arr = np.ascontiguousarray(arr)
-        dtype = arr.dtype
-        spec = dtype.str if dtype.fields is None else repr(dtype.descr)
-        self.text(b"arr", f"{spec}{shape}")
-        data = memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
-        self.tag(b"data", data)
-
-    def reduced(self, obj: Any) -> None:
-        """Encode any other object through the parts ``pickle`` would rebuild it from."""
-        try:
-            # As pickle does: a reducer registered with copyreg (numpy ufuncs, re.Pattern, ...)
-            # comes first.
-            reducer = copyreg.dispatch_table.get(type(obj))
-            reduced = reducer(obj) if reducer is not None else obj.__reduce_ex__(5)
-        except Exception as exc:
-            raise TypeError(f"{type(obj).__qualname__} object cannot be pickled: {exc}") from exc
-        if isinstance(reduced, str):  # a global, pickled by reference
-            self.text(b"global", f"{_module(obj)}.{reduced}")
-            return
-        if id(obj) in self._stack:
-            self.tag(b"cycle", b"")
-            return
-        self._stack.append(id(obj))
-        try:
-            self.text(b"obj", _name(type(obj)))
-            parts = list(reduced) + [None] * (6 - len(reduced))
-            rebuild, args, state, list_items, dict_items = parts[:5]
-            # The reconstructor is library code (copyreg.__newobj__, numpy's _reconstruct, ...):
-            # named as pickle names it, not digested (which costs ~20 us per argument).
-            self.text(b"rebuild", _name(rebuild))
-            if _bound_to_instance(rebuild):
-                self.value(rebuild.__self__)
-            self.value(args)
-            self.value(state)
-            self.value(None if list_items is None else list(list_items))
-            if dict_items is None:
-                self.tag(b"none")
-            elif isinstance(obj, collections.OrderedDict):
-                # In order: OrderedDicts that differ only in order are different values.
-                self.value(list(dict_items))
-            else:  # a dict subclass (defaultdict, ...): equal as dicts, one key
-                items = list(dict_items)
-                self.unordered(b"ditems", items, items)
-        finally:
-            self._stack.pop()
-
-
-def _int(hasher: _Hasher, x: int) -> None:
-    hasher.tag(b"int", x.to_bytes(x.bit_length() // 8 + 1, "little", signed=True))
-
-
-def _float(hasher: _Hasher, x: float) -> None:
-    hasher.tag(b"float", _NAN if x != x else _f64(x))
-
-
-def _complex(hasher: _Hasher, x: complex) -> None:
-    hasher.h.update(b"complex")
-    _float(hasher, x.real)
-    _float(hasher, x.imag)
-
-
-_EXACT: dict[type, Callable[[_Hasher, Any], None]] = {
-    type(None): lambda h, x: h.tag(b"none"),
-    bool: lambda h, x: h.tag(b"bool", b"\x01" if x else b"\x00"),
-    int: _int,
-    float: _float,
-    complex: _complex,
-    str: lambda h, x: h.text(b"str", x),
-    bytes: lambda h, x: h.tag(b"bytes", x),
-    bytearray: lambda h, x: h.tag(b"bytearray", x),
-    memoryview: lambda h, x: h.tag(f"memoryview{x.format}{x.shape}".encode(), x.tobytes()),
-    tuple: lambda h, x: h.container(b"tuple", x, x),
-    list: lambda h, x: h.container(b"list", x, x),
-    dict: _Hasher.dict,
-    set: lambda h, x: h.unordered(b"set", x, x),
-    frozenset: lambda h, x: h.unordered(b"frozenset", x, x),
-    range: lambda h, x: h.text(b"range", repr(x)),
-    slice: lambda h, x: h.container(b"slice", (x.start, x.stop, x.step), (x.start, x.stop, x.step)),
-    type(Ellipsis): lambda h, x: h.tag(b"ellipsis"),
-    np.ndarray: _Hasher.array,  # subclasses (masked arrays, ...) go through __reduce_ex__
-}
-
-
-def value_digest(value: Any, digest_size: int = DIGEST_SIZE) -> bytes:
-    """The canonical digest of one value (equal in every process for equal values)."""
-    hasher = _Hasher(hashlib.blake2b(digest_size=digest_size))
-    hasher.value(value)
-    return hasher.h.digest()
-
-
-# -- the function part ---------------------------------------------------------------------------
-def _code_names(code: types.CodeType) -> set[str]:
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= _code_names(const)
-    return names
-
-
-def _global_loads(code: types.CodeType) -> set[str]:
-    """Names the code reads as globals (co_names also holds attribute names)."""
-    names = {i.argval for i in dis.get_instructions(code) if i.opname == "LOAD_GLOBAL"}
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= _global_loads(const)
-    return names
-
-
-def _feed_code(hasher: _Hasher, code: types.CodeType) -> None:
-    hasher.tag(b"code", code.co_code)
-    hasher.tag(b"exc", getattr(code, "co_exceptiontable", b""))
-    hasher.value(
-        (
-            code.co_argcount,
-            code.co_posonlyargcount,
-            code.co_kwonlyargcount,
-            code.co_flags,
-            code.co_names,
-            code.co_varnames,
-            code.co_freevars,
-            code.co_cellvars,
-        )
-    )
-    hasher.tag(b"consts", _u64(len(code.co_consts)))
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            _feed_code(hasher, const)
-        else:
-            hasher.value(const)
-
-
-def _feed_global(hasher: _Hasher, value: Any, module: str, seen: set[int]) -> None:
-    """Encode a global or closure value the code refers to: what it *is*, as cheaply as that
-    can be told."""
-    if isinstance(value, types.ModuleType):
-        hasher.text(b"mod", value.__name__)
-    elif (memo := _memo_digest(value)) is not None:
-        hasher.tag(b"memo", memo)
-    elif isinstance(value, types.FunctionType):
-        if value.__module__ == module and id(value) not in seen:
-            # A helper of the same module: its code is part of what the function computes.
-            _feed_function(hasher, value, seen)
-        else:
-            hasher.text(b"gfn", _name(value))
-    elif isinstance(value, type) and value.__module__ == module and id(value) not in seen:
-        # A class of the same module: its methods are part of what the function computes.
-        hasher.text(b"gcls", _name(value))
-        _feed_methods(hasher, value, seen)
-    elif isinstance(value, type | types.BuiltinFunctionType):
-        hasher.text(b"gref", _name(value))
-        if _bound_to_instance(value):
-            _feed_global(hasher, value.__self__, module, seen)
-    else:
-        try:
-            sub = _Hasher(hashlib.blake2b(digest_size=16))
-            sub.value(value)
-            hasher.tag(b"gval", sub.h.digest())
-        except (TypeError, RecursionError):
-            # It holds something that cannot be encoded (a lock, a socket): its type and the
-            # attributes that can be, so that make(Model(1)) and make(Model(2)) still differ.
-            hasher.text(b"gtype", _name(type(value)))
-            _feed_attributes(hasher, value, depth=3)
-
-
-def _feed_methods(hasher: _Hasher, cls: type, seen: set[int]) -> None:
-    """The code of the methods a class defines (not those it inherits)."""
-    seen.add(id(cls))
-    for attr, member in sorted(vars(cls).items()):
-        member = getattr(member, "__func__", member)  # staticmethod, classmethod
-        if isinstance(member, types.FunctionType) and id(member) not in seen:
-            hasher.text(b"member", attr)
-            _feed_function(hasher, member, seen)
-
-
-def _feed_attributes(hasher: _Hasher, obj: Any, depth: int) -> None:
-    """Encode the attributes of ``obj`` that can be encoded, and the type of the others."""
-    try:
-        attributes = sorted(vars(obj).items())
-    except TypeError:  # no __dict__
-        return
-    for name, value in attributes:
-        sub = _Hasher(hashlib.blake2b(digest_size=16))
-        try:
-            sub.value(value)
-        except (TypeError, RecursionError):
-            hasher.text(b"attrtype", f"{name}:{_name(type(value))}")
-            if depth > 1:
-                _feed_attributes(hasher, value, depth - 1)
-        else:
-            hasher.text(b"attr", name)
-            hasher.tag(b"val", sub.h.digest())
-
-
-_ABSENT = object()
-
-
-def _feed_function(hasher: _Hasher, fn: types.FunctionType, seen: set[int]) -> None:
-    seen.add(id(fn))
-    hasher.text(b"qualname", _name(fn))
-    _feed_code(hasher, fn.__code__)
-    hasher.value(fn.__defaults__)
-    hasher.value(fn.__kwdefaults__)
-    cells = fn.__closure__ or ()
-    hasher.tag(b"closure", _u64(len(cells)))
-    for name, cell in zip(fn.__code__.co_freevars, cells, strict=True):
-        try:
-            content = cell.cell_contents
-        except ValueError:  # an empty cell (a name assigned later in the enclosing scope)
-            hasher.text(b"empty", name)
-            continue
-        if isinstance(content, types.FunctionType):
-            if id(content) in seen:
-                hasher.text(b"recursive", content.__qualname__)
-            else:
-                _feed_function(hasher, content, seen)
-        else:
-            _feed_global(hasher, content, fn.__module__, seen)
-    globals_ = fn.__globals__
-    builtins_ = globals_.get("__builtins__")
-    builtin_names = builtins_ if isinstance(builtins_, dict) else vars(builtins_ or object)
-    unbound = _global_loads(fn.__code__) - globals_.keys() - builtin_names.keys() - {fn.__name__}
-    if unbound:
-        hasher.pending = True  # a helper defined below the function, say
-    for name in sorted(_code_names(fn.__code__)):
-        value = globals_.get(name, _ABSENT)
-        if name == fn.__name__ and (value is _ABSENT or value is fn or _name(value) == _name(fn)):
-            # A recursive function calling itself. While it is being decorated its name is not
-            # bound yet (or still bound to the previous version, when a notebook cell runs
-            # again): either way it is this function, whatever the global holds right now.
-            hasher.text(b"self", name)
-        elif value is not _ABSENT:
-            hasher.text(b"global", name)
-            _feed_global(hasher, value, fn.__module__, seen)
-        # else: a builtin (the same in every process of one Python version), an attribute name
-        # (co_names holds those too) or a global not bound yet (see `pending` above)
-
-
-def _feed_owner(hasher: _Hasher, fn: types.FunctionType, seen: set[int]) -> None:
-    """For a method, the class it is defined in: its other methods (``self.helper()``) are
-    part of what it computes. Not bound yet while the class body runs: pending then."""
-    path = fn.__qualname__.split(".")[:-1]
-    if not path or "<locals>" in path:
-        return  # a module-level function, or a class inside a function: not reachable
-    owner: Any = fn.__globals__.get(path[0], _ABSENT)
-    for part in path[1:]:
-        owner = getattr(owner, part, _ABSENT)
-    if isinstance(owner, type):
-        hasher.tag(b"owner")
-        _feed_global(hasher, owner, fn.__module__, seen)
-    else:
-        hasher.pending = True
-
-
-def function_digest(fn: Callable[..., Any], digest_size: int = DIGEST_SIZE) -> bytes:
-    """Digest of what ``fn`` computes: code, constants, defaults, closure, referenced globals.
-
-    Handles plain functions, lambdas, ``functools.partial`` (the function and its frozen
-    arguments), bound methods (the function and the instance's state) and callable objects
-    (the class's ``__call__`` and the instance's state). Computed once per decoration.
-    """
-    return digest_and_pending(fn, digest_size)[0]
-
-
-def digest_and_pending(
-    fn: Callable[..., Any], digest_size: int = DIGEST_SIZE
+def function_part(
+    fn: Any,
+    target: Any,
+    *,
+    signature: bytes | str | None,
+    version: str | None,
+    stochastic: bool,
 ) -> tuple[bytes, bool]:
-    """:func:`function_digest`, and whether to take it again on the first call (the function
-    names something not defined yet)."""
-    hasher = _Hasher(hashlib.blake2b(digest_size=digest_size))
-    hasher.text(b"python", "{}.{}".format(*sys.version_info[:2]))
-    _feed_callable(hasher, fn, set())
-    return hasher.h.digest(), hasher.pending
+    """The function part of every key of ``fn``, and whether to take it again at the first
+    call (the code names something not defined yet: a helper below it, its own class).
 
-
-def _feed_callable(hasher: _Hasher, fn: Any, seen: set[int]) -> None:
-    if (memo := _memo_digest(fn)) is not None:
-        hasher.tag(b"memo", memo)
-    elif isinstance(fn, functools.partial):
-        hasher.tag(b"partial")
-        _feed_callable(hasher, fn.func, seen)
-        hasher.value(fn.args)
-        hasher.value(fn.keywords)
-    elif isinstance(fn, types.MethodType):
-        hasher.tag(b"method")
-        _feed_callable(hasher, fn.__func__, seen)
-        hasher.value(fn.__self__)
-    elif isinstance(fn, types.FunctionType):
-        _feed_function(hasher, fn, seen)
-        _feed_owner(hasher, fn, seen)
-    elif isinstance(fn, types.BuiltinFunctionType | type):
-        hasher.text(b"builtin", _name(fn))
-        if _bound_to_instance(fn):
-            hasher.value(fn.__self__)
-        if isinstance(fn, type):  # a class called for its instances: its methods' code
-            _feed_methods(hasher, fn, seen)
-    elif callable(fn) and isinstance(type(fn).__call__, types.FunctionType):
-        hasher.tag(b"callable")
-        _feed_callable(hasher, type(fn).__call__, seen)
-        hasher.value(fn)
-    elif callable(fn) and _wrapped(fn) is not None:
-        # A wrapper implemented in C around Python code: lru_cache, staticmethod, numba.
-        hasher.text(b"wrapper", _name(type(fn)))
-        _feed_callable(hasher, _wrapped(fn), seen)
-    elif callable(fn):
-        # Implemented in C (a numpy ufunc, a Cython function, ...): no code to read, so its
-        # type, module and name identify it (like a builtin), plus its state where it pickles.
-        hasher.text(b"ccallable", f"{_name(type(fn))}:{_name(fn)}:{getattr(fn, '__name__', '')}")
-        state = _Hasher(hashlib.blake2b(digest_size=16))
-        try:
-            state.value(fn)
-        except TypeError:
-            return  # no state to read: the name is all there is
-        hasher.tag(b"state", state.h.digest())
+    Args:
+        fn: the callable as the user gave it (named by ``version=``).
+        target: what is called (for a bound method or a callable object: the plain function).
+        signature: bytes or text pinning the function part instead of the code.
+        version: a version string used with the function's name instead of the code.
+        stochastic: whether entries hold running moments (a different stored format).
+    """
+    h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+    pending = False
+    if signature is not None:
+        h.update(b"signature:" + (signature.encode() if isinstance(signature, str) else signature))
+    elif version is not None:
+        # The version is encoded like an argument: 1 and "1" are different versions.
+        h.update(b"version:" + identity(fn) + b":" + value_digest(version))
     else:
-        raise TypeError(f"cannot memoize {fn!r}: it is not callable")
-
-
-def _wrapped(fn: Any) -> Any:
-    for attr in ("__wrapped__", "__func__", "py_func"):
-        inner = getattr(fn, attr, None)
-        if callable(inner) and inner is not fn:
-            return inner
-    return None
-
-
-def identity(fn: Callable[..., Any]) -> bytes:
-    """What names ``fn`` when its code is not digested (``version=``): module and qualified
-    name, and for a ``functools.partial`` its function and frozen arguments."""
-    if isinstance(fn, functools.partial):
-        return b"partial:" + identity(fn.func) + value_digest((fn.args, fn.keywords))
-    inner = fn.__func__ if isinstance(fn, types.MethodType) else fn
-    return _name(inner).encode()
+        code_digest, pending = digest_and_pending(target)
+        h.update(b"code:" + code_digest)
+    # The stored format differs between the two modes: never read one as the other.
+    h.update(b"moments" if stochastic else b"value")
+    return h.digest(), pending
 
 
 # -- binding arguments ---------------------------------------------------------------------------
 _SIMPLE = inspect.Parameter.POSITIONAL_OR_KEYWORD
+_VAR_KEYWORD = inspect.Parameter.VAR_KEYWORD
 _MEMOABLE = frozenset({int, str, bytes, bool, type(None)})
 _MEMO_SIZE = 4096
 _EMPTY = inspect.Parameter.empty
@@ -521,6 +98,8 @@ _ANY_ARGUMENTS = inspect.Signature(
     ]
 )
 
+FunctionPart = Callable[[], tuple[bytes, bool]]
+
 
 class KeyBuilder:
     """Builds the key of each call of one function.
@@ -529,8 +108,14 @@ class KeyBuilder:
         fn: the function whose calls are keyed (for a method, the plain function: ``self`` is
             then an argument like any other).
         namespace: prefix of every key (see :func:`check_namespace`).
-        ignore_args: parameter names left out of the key, whether passed by position or name.
-        fn_digest: the function part, from :func:`function_digest` unless pinned by the user.
+        ignore_args: names left out of the key, whether passed by position, by name, or
+            through ``**kwargs``. A name that no call can bind (no such parameter and no
+            ``**kwargs``) is accepted with a warning: pyDVL code ignores ``job_id`` on
+            functions that may not take it.
+        fn_digest: the function part: final bytes, or a callable returning ``(digest,
+            pending)`` (see :func:`function_part`), called now and, if pending, once more
+            at the first key.
+        on_digest: called with the function part when it is taken again.
     """
 
     def __init__(
@@ -538,7 +123,8 @@ class KeyBuilder:
         fn: Callable[..., Any],
         namespace: str,
         ignore_args: Iterable[str],
-        fn_digest: bytes,
+        fn_digest: bytes | FunctionPart,
+        on_digest: Callable[[bytes], None] | None = None,
     ) -> None:
         self.namespace = check_namespace(namespace)
         try:
@@ -547,30 +133,74 @@ class KeyBuilder:
             self.signature = _ANY_ARGUMENTS
         params = list(self.signature.parameters.values())
         names = [p.name for p in params]
-        ignored = set(ignore_args)
-        unknown = ignored - set(names)
-        if unknown:
-            raise ValueError(
-                f"ignore_args names {sorted(unknown)}, which are not parameters of "
-                f"{getattr(fn, '__qualname__', fn)}{self.signature}"
-            )
-        self.ignored = frozenset(ignored)
         self.qualname = getattr(fn, "__qualname__", repr(fn))
-        self.fn_digest = fn_digest
-        self._base = hashlib.blake2b(fn_digest, digest_size=DIGEST_SIZE)
+        ignored = frozenset(ignore_args)
+        self._var_keyword = next((p.name for p in params if p.kind is _VAR_KEYWORD), None)
+        unbindable = ignored - set(names)
+        if unbindable and self._var_keyword is None:
+            warnings.warn(
+                f"ignore_args names {sorted(unbindable)}, which {self.qualname}"
+                f"{self.signature} can never receive (no such parameter, no **kwargs): "
+                "they are ignored",
+                UserWarning,
+                stacklevel=4,
+            )
+        self.ignored = ignored
+        # Ignored names that can only arrive through **kwargs: a call passing one of them
+        # takes the general path, which removes it from the **kwargs dict.
+        self._ignored_extra = unbindable if self._var_keyword is not None else frozenset()
         self._prefix = namespace + ":"
+        self._pending_part: FunctionPart | None = None
+        self._on_digest = on_digest
+        if isinstance(fn_digest, bytes):
+            self._set_digest(fn_digest)
+        else:
+            digest, pending = fn_digest()
+            self._set_digest(digest)
+            self._pending_part = fn_digest if pending else None
         # Fast path: only plain positional-or-keyword parameters, called positionally.
         self._simple = all(p.kind is _SIMPLE for p in params)
         self._n_params = len(params)
         self._n_required = sum(p.default is inspect.Parameter.empty for p in params)
         self._defaults = tuple(p.default for p in params)
-        self._memo: dict[tuple[Any, ...], str] = {}
         self._names = tuple(names)
         self._keyword_names = [frozenset(names[i:]) for i in range(len(names) + 1)]
         self._name_tags = {name: _name_tag(name) for name in names}
         self._positional_tags = tuple(
             None if name in self.ignored else self._name_tags[name] for name in names
         )
+
+    def _set_digest(self, digest: bytes) -> None:
+        self._fn_digest = digest
+        self._base = hashlib.blake2b(digest, digest_size=DIGEST_SIZE)
+        self._memo: dict[tuple[Any, ...], str] = {}
+
+    @property
+    def pending(self) -> bool:
+        """Whether the function part is taken again at the next key."""
+        return self._pending_part is not None
+
+    @property
+    def current_digest(self) -> bytes:
+        """The function part as known now, without taking it again if :attr:`pending`."""
+        return self._fn_digest
+
+    @property
+    def fn_digest(self) -> bytes:
+        """The function part (final once a key was built, or after reading this)."""
+        if self._pending_part is not None:
+            self._take_digest_again()
+        return self._fn_digest
+
+    def _take_digest_again(self) -> None:
+        # At decoration the function named a global not bound yet (a helper defined below
+        # it) or is a method whose class did not exist yet: both are there by the first call.
+        # Taken once; whatever is still missing then is left out, as for any unbound name.
+        part, self._pending_part = self._pending_part, None
+        assert part is not None
+        self._set_digest(part()[0])
+        if self._on_digest is not None:
+            self._on_digest(self._fn_digest)
 
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """The call's arguments by parameter name, defaults applied."""
@@ -599,6 +229,8 @@ class KeyBuilder:
 
     def key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         """The store key of the call ``fn(*args, **kwargs)``."""
+        if self._pending_part is not None:
+            self._take_digest_again()
         if not kwargs:
             # Calls with only ints, strs, bytes, bools and None are memoized per process: for
             # those types equality is exactly key equality (no -0.0/0.0 or 1/1.0/True
@@ -636,8 +268,11 @@ class KeyBuilder:
                         self._feed(h, tag, value)
         else:
             for name, value in self.bind(args, kwargs).items():
-                if name not in self.ignored:
-                    self._feed(h, self._name_tags[name], value)
+                if name in self.ignored:
+                    continue
+                if name == self._var_keyword and self._ignored_extra:
+                    value = {k: v for k, v in value.items() if k not in self._ignored_extra}
+                self._feed(h, self._name_tags[name], value)
         return self._prefix + h.hexdigest()
 
     def _feed(self, h: Any, tag: bytes, value: Any) -> None:
@@ -647,7 +282,7 @@ class KeyBuilder:
             return
         h.update(tag)
         try:
-            _Hasher(h).value(value)
+            CanonicalEncoder(h).value(value)
         except (TypeError, RecursionError) as exc:
             name = tag[len(b"arg") + 8 :].decode()
             raise TypeError(
@@ -659,24 +294,24 @@ class KeyBuilder:
 
 def _name_tag(name: str) -> bytes:
     data = name.encode()
-    return b"arg" + _u64(len(data)) + data
+    return b"arg" + u64(len(data)) + data
 
 
 def _tagged(tag: bytes, data: bytes) -> bytes:
-    return tag + _u64(len(data)) + data
+    return tag + u64(len(data)) + data
 
 
-# One-update encodings of the commonest argument types; they equal what _Hasher feeds.
+# One-update encodings of the commonest argument types; they equal what CanonicalEncoder feeds.
 def _int_scalar(x: int) -> bytes:
     n = x.bit_length() // 8 + 1
-    return b"int" + _u64(n) + x.to_bytes(n, "little", signed=True)
+    return b"int" + u64(n) + x.to_bytes(n, "little", signed=True)
 
 
-_FLOAT_PREFIX = b"float" + _u64(8)  # a float is always 8 bytes: one concatenation per call
+_FLOAT_PREFIX = b"float" + u64(8)  # a float is always 8 bytes: one concatenation per call
 
 _SCALARS: dict[type, Callable[[Any], bytes]] = {
     int: _int_scalar,
-    float: lambda x: _FLOAT_PREFIX + (_NAN if x != x else _f64(x)),
+    float: lambda x: _FLOAT_PREFIX + (NAN_BYTES if x != x else f64(x)),
     str: lambda x: _tagged(b"str", x.encode("utf-8", "surrogatepass")),
     bytes: lambda x: _tagged(b"bytes", x),
     bool: lambda x: _tagged(b"bool", b"\x01" if x else b"\x00"),

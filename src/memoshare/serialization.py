@@ -19,6 +19,8 @@ from typing import Any
 
 import cloudpickle
 
+from .errors import CorruptEntry, UnpicklableValue
+
 __all__ = [
     "FLAG_CHUNKED",
     "FORMAT_VERSION",
@@ -46,14 +48,6 @@ _PLAIN = _HEADER.pack(MAGIC, FORMAT_VERSION, 0)
 _NO_BUFFERS = _COUNT.pack(0)
 _FAST_OFFSET = HEADER_SIZE + _COUNT.size + _LENGTH.size
 _FAST_PREFIX = _PLAIN + _NO_BUFFERS
-
-
-class CorruptEntry(ValueError):
-    """Stored bytes that are not a valid entry of this format version."""
-
-
-class UnpicklableValue(TypeError):
-    """The function's return value cannot be serialized, so it cannot be cached."""
 
 
 def header(flags: int = 0) -> bytes:

@@ -18,27 +18,23 @@ add to the same counters.
 
 from __future__ import annotations
 
-import atexit
 import logging
-import multiprocessing.util
 import os
-import signal
 import threading
 import time
 import weakref
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .backends import Backend, BackendError, make_backend
+from . import _process
+from .backends import Backend, make_backend
+from .counters import FIELDS, CacheStats
+from .storage import EntryStore
 
-if TYPE_CHECKING:
-    from .memoize import MemoizedFunction
-
-__all__ = ["FLUSH_INTERVAL", "FunctionStats", "flush_stats", "stats"]
+__all__ = ["FLUSH_INTERVAL", "FunctionStats", "StatsHandle", "flush_stats", "stats", "track"]
 
 logger = logging.getLogger("memoshare")
 
-FIELDS = ("hits", "misses", "sets", "errors", "timeouts", "reconnects")
 NAMESPACES_KEY = "~memoshare:namespaces"
 #: Seconds between two flushes of the background thread (env ``MEMOSHARE_STATS_INTERVAL``).
 FLUSH_INTERVAL = float(os.environ.get("MEMOSHARE_STATS_INTERVAL", "5"))
@@ -60,122 +56,100 @@ def _index_key(namespace: str) -> str:
 
 def _append_line(backend: Backend, key: str, line: str) -> None:
     """Add ``line`` to the newline-separated list stored under ``key`` (atomic, idempotent)."""
-    for _ in range(50):
-        current, token = backend.gets(key)
-        if current is None:
-            if backend.add(key, line.encode()):
-                return
-            continue
-        lines = current.decode().split("\n")
-        if line in lines or backend.cas(key, "\n".join([*lines, line]).encode(), token):
-            return
-        time.sleep(0.001)
-    raise BackendError(f"could not update the list {key!r}: too many concurrent writers")
+
+    def append(current: bytes | None) -> bytes | None:
+        lines = current.decode().split("\n") if current else []
+        return None if line in lines else "\n".join([*lines, line]).encode()
+
+    # Raw lines, not pickles: this list is read by every version and by the CLI.
+    EntryStore(backend).update(key, append, attempts=50)
 
 
-class _Tracked:
-    """What the flusher needs of one function; no reference to the function itself, so that
-    the counts of a function collected before the next flush (a copy unpickled for one Pool
-    task chunk, say) are still flushed."""
+class StatsHandle:
+    """What the flusher needs of one tracked function (returned by :func:`track`).
+
+    It holds no reference to the function itself, so that the counts of a function collected
+    before the next flush (a copy unpickled for one Pool task chunk, say) are still flushed.
+    """
 
     __slots__ = (
         *("stats", "backend", "store", "namespace", "fn_id", "name", "baseline", "indexed"),
         *("alive", "failures"),
     )
 
-    def __init__(self, function: MemoizedFunction[Any, Any]) -> None:
-        self.stats = function.stats
-        self.backend = function.backend
-        self.store = repr(function.backend)  # names the server or directory
-        self.namespace = function.namespace
-        self.fn_id = function._digest.hex()[:16]  # the first call may take it again
-        self.name = function.__qualname__
-        self.baseline = self.stats._lifetime()  # an unpickled/forked copy starts from here
+    def __init__(
+        self, stats: CacheStats, backend: Backend, namespace: str, name: str, digest: bytes
+    ) -> None:
+        self.stats = stats
+        self.backend = backend
+        self.store = repr(backend)  # names the server or directory
+        self.namespace = namespace
+        self.name = name
+        self.function_digest = digest
+        self.baseline = stats.lifetime()  # an unpickled/forked copy starts from here
         self.indexed = False
         self.alive = True
         self.failures = 0  # flushes that failed in a row
 
+    @property
+    def function_digest(self) -> str:
+        """The function id: the first 16 hex digits of the function part of its keys."""
+        return self.fn_id
+
+    @function_digest.setter
+    def function_digest(self, digest: bytes) -> None:
+        # The first call may take the digest again (a helper defined below the function).
+        self.fn_id = digest.hex()[:16]
+
     def retire(self) -> None:
-        # Called by the garbage collector: no lock, only a flag the next flush reads.
+        """The function is gone: flush what it counted, then forget it. Called by the garbage
+        collector: no lock, only a flag the next flush reads."""
         self.alive = False
 
 
-class _Flusher:
+class _StatsFlusher:
     """The process-wide set of functions whose counts go to the store."""
 
     def __init__(self) -> None:
-        self._tracked: list[_Tracked] = []
+        self._tracked: list[StatsHandle] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._at_exit_registered = False
         self._reset_requests()
 
     def _reset_requests(self) -> None:
-        # Flushes asked of the background thread (by the SIGTERM handler) and done by it.
+        # Flushes asked of the background thread (by the SIGTERM hook) and done by it.
         self._requests = threading.Condition()
         self._requested = self._completed = 0
-        self._flushing: int | None = None  # the thread inside flush()
-        self._deferred_signal: int | None = None
 
-    def track(self, function: MemoizedFunction[Any, Any]) -> _Tracked:
-        entry = _Tracked(function)
-        weakref.finalize(function, entry.retire)
+    def track(self, owner: object, handle: StatsHandle) -> StatsHandle:
+        weakref.finalize(owner, handle.retire)
         with self._lock:
-            self._tracked.append(entry)
+            self._tracked.append(handle)
             self._ensure_running()
-        return entry
+        return handle
 
     def _ensure_running(self) -> None:
-        if not self._at_exit_registered:
-            self._at_exit_registered = True
-            atexit.register(self.flush_at_exit)
-            self.register_exit_flush()
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="memoshare-stats", daemon=True)
             self._thread.start()
-        self.flush_on_sigterm()
-
-    def register_exit_flush(self) -> None:
-        """Flush when a multiprocessing child exits: it leaves through ``os._exit``, which
-        skips atexit, but runs the finalizers that have an exit priority."""
-        multiprocessing.util.Finalize(None, self.flush_at_exit, exitpriority=100)
+        _process.arm_sigterm()
 
     def flush_at_exit(self) -> None:
         self.flush(budget=EXIT_FLUSH_BUDGET)
 
     def flush_on_sigterm(self) -> None:
-        """In a multiprocessing child, flush before dying of SIGTERM, which is how
-        ``Pool.terminate`` (and so ``with Pool() as pool:``) ends its workers.
+        """Dying of SIGTERM: have the background thread flush, and wait for it a little.
 
-        Only where SIGTERM still has its default action, and only from the main thread
-        (Python's rule for signal handlers); the handler dies of the signal as before.
+        Not on this (main) thread: it may have been stopped inside a store operation, whose
+        connection or write lock it cannot use again.
         """
-        # A spawned child imports the parent's main module (and so decorates its functions)
-        # before parent_process() is set; multiprocessing itself knows it by _inheriting.
-        in_child = multiprocessing.parent_process() is not None or getattr(
-            multiprocessing.current_process(), "_inheriting", False
-        )
-        if (
-            in_child
-            and threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-        ):
-            signal.signal(signal.SIGTERM, self._flush_and_die)
-
-    def _flush_and_die(self, signum: int, frame: object) -> None:
-        signal.signal(signum, signal.SIG_DFL)
-        if self._flushing == threading.get_ident():
-            # Stopped inside a flush (the exit flush, typically): let it finish, then die.
-            self._deferred_signal = signum
+        if not self._tracked:
             return
-        # The flush runs on the background thread: this (main) thread may have been stopped
-        # inside a store operation, whose connection or write lock it cannot use again.
         with self._requests:
             self._requested += 1
             wanted = self._requested
             self._requests.notify_all()
             self._requests.wait_for(lambda: self._completed >= wanted, timeout=SIGTERM_WAIT)
-        os.kill(os.getpid(), signum)
 
     def _run(self) -> None:
         while True:
@@ -197,32 +171,27 @@ class _Flusher:
         stored, or after :data:`RETIRED_TRIES` failed flushes (its counts are then lost).
         """
         deadline = None if budget is None else time.monotonic() + budget
-        with self._lock:
-            self._flushing = threading.get_ident()
-            try:
-                keep, failed_stores = [], set()
-                for entry in self._tracked:
-                    alive = entry.alive  # read first: a function counts nothing once gone
-                    if entry.store in failed_stores or (
-                        deadline is not None and time.monotonic() > deadline
-                    ):
-                        flushed = False
-                    else:
-                        flushed = self._flush_one(entry)
-                        if not flushed:
-                            failed_stores.add(entry.store)
-                    entry.failures = 0 if flushed else entry.failures + 1
-                    if alive or not (flushed or entry.failures >= RETIRED_TRIES):
-                        keep.append(entry)
-                self._tracked = keep
-            finally:
-                self._flushing = None
-        if self._deferred_signal is not None:
-            os.kill(os.getpid(), self._deferred_signal)
+        # A SIGTERM arriving meanwhile (the exit flush, typically) takes effect afterwards.
+        with _process.sigterm_deferred(), self._lock:
+            keep, failed_stores = [], set()
+            for entry in self._tracked:
+                alive = entry.alive  # read first: a function counts nothing once gone
+                if entry.store in failed_stores or (
+                    deadline is not None and time.monotonic() > deadline
+                ):
+                    flushed = False
+                else:
+                    flushed = self._flush_one(entry)
+                    if not flushed:
+                        failed_stores.add(entry.store)
+                entry.failures = 0 if flushed else entry.failures + 1
+                if alive or not (flushed or entry.failures >= RETIRED_TRIES):
+                    keep.append(entry)
+            self._tracked = keep
 
-    def _flush_one(self, entry: _Tracked) -> bool:
+    def _flush_one(self, entry: StatsHandle) -> bool:
         """Add the increase since the last flush to the store; False if that failed."""
-        current = entry.stats._lifetime()
+        current = entry.stats.lifetime()
         delta = {f: current[f] - entry.baseline[f] for f in FIELDS}
         if not any(delta.values()):
             return True
@@ -248,33 +217,24 @@ class _Flusher:
         self._lock = threading.Lock()
         self._reset_requests()
         self._thread = None
-        self._at_exit_registered = False  # multiprocessing clears its finalizers in children
         for entry in self._tracked:
-            entry.baseline = entry.stats._lifetime()
+            entry.baseline = entry.stats.lifetime()
         if self._tracked:
             self._ensure_running()
 
 
-_flusher = _Flusher()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_flusher.after_fork_in_child)
+_flusher = _StatsFlusher()
+_process.after_fork_child(_flusher.after_fork_in_child, _process.Order.STATS)
+_process.at_exit(_flusher.flush_at_exit, _process.Order.STATS)
+_process.on_sigterm(_flusher.flush_on_sigterm, _process.Order.STATS)
 
 
-# A multiprocessing child clears the finalizer registry after the fork hooks ran: register the
-# exit flush again (the fork hook above has already reset the rest and started the thread).
-# Only now is multiprocessing.parent_process() set, which flush_on_sigterm asks.
-def _in_multiprocessing_child(flusher: _Flusher) -> None:
-    flusher.register_exit_flush()
-    if flusher._tracked:
-        flusher.flush_on_sigterm()
-
-
-multiprocessing.util.register_after_fork(_flusher, _in_multiprocessing_child)
-
-
-def track(function: MemoizedFunction[Any, Any]) -> _Tracked:
-    """Send the counts of ``function`` to its store from now on (done by ``memoize``)."""
-    return _flusher.track(function)
+def track(
+    owner: object, stats: CacheStats, backend: Backend, namespace: str, name: str, digest: bytes
+) -> StatsHandle:
+    """Send the counts in ``stats`` to ``backend`` from now on, under the function id of
+    ``digest``, until ``owner`` is collected (done by ``memoize``)."""
+    return _flusher.track(owner, StatsHandle(stats, backend, namespace, name, digest))
 
 
 def flush_stats() -> None:

@@ -1,11 +1,16 @@
 """Stampede protection: on a miss, one caller computes while the others wait for its entry.
 
-The caller that wins ``add(key + "~lease")`` computes and stores; the others poll the entry with
-a growing pause (5 ms up to 200 ms). The lease expires after ``lease_timeout`` seconds, so a
+A :class:`Lease` says who computes a key. :class:`StoreLease` keeps it in the store itself:
+the caller that wins ``add(key + "~lease")`` computes and stores; the others poll the entry
+with a growing pause (5 ms up to 200 ms). The lease expires after ``timeout`` seconds, so a
 crashed worker blocks nobody for longer than that; a waiter that has waited ``wait_timeout``
 seconds computes by itself. A holder that does not store (its call was faster than
 ``time_threshold``, or the value cannot be pickled) leaves a mark in the lease for a few
 seconds: the waiters then compute at once, each for itself, instead of taking turns.
+
+:func:`compute_once` is the protocol; the lease is where it keeps its state, so the dataset
+cache plugs in a lease whose release waits for its write buffer
+(:class:`memoshare.datasets.buffer.BufferedLease`).
 """
 
 from __future__ import annotations
@@ -14,108 +19,146 @@ import logging
 import os
 import random
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
-from .backends.base import Backend, BackendError
+from .backends.base import Backend
+from .client import MISSING
+from .errors import BackendError
 
-__all__ = ["LEASE_SUFFIX", "compute_once"]
+__all__ = ["LEASE_SUFFIX", "UNCACHED", "Lease", "StoreLease", "compute_once"]
 
 logger = logging.getLogger("memoshare")
 
 LEASE_SUFFIX = "~lease"
-# What a holder that did not store leaves in the lease (for UNCACHED_MARK_SECONDS at most).
+#: What a holder that did not store leaves in the lease (for UNCACHED_MARK_SECONDS at most).
 UNCACHED = b"uncached"
 UNCACHED_MARK_SECONDS = 5.0
 
 
-def _lease_token() -> bytes:
+class Lease(ABC):
+    """Who computes a key: at most one holder at a time, for a bounded time."""
+
+    @abstractmethod
+    def acquire(self, key: str) -> bytes | None:
+        """Try to become the holder of ``key``: our token if we are, ``None`` if another
+        caller is. Raises :class:`~memoshare.BackendError`."""
+
+    @abstractmethod
+    def holder(self, key: str) -> bytes | None:
+        """The current holder's token, :data:`UNCACHED` (the last holder did not store), or
+        ``None`` (free). Raises :class:`~memoshare.BackendError`."""
+
+    @abstractmethod
+    def release(self, key: str, token: bytes, stored: bool) -> None:
+        """End our hold on ``key`` (only if the lease still holds our ``token``): ``stored``
+        says whether the value is now in the store. Raises :class:`~memoshare.BackendError`."""
+
+
+def new_token() -> bytes:
+    """A token no other holder has: process, time and randomness."""
     return f"{os.getpid()}:{time.time():.6f}:{os.urandom(4).hex()}".encode()
 
 
+class StoreLease(Lease):
+    """A lease kept in the store, under ``key + "~lease"``, expiring after ``timeout`` s."""
+
+    __slots__ = ("backend", "timeout")
+
+    def __init__(self, backend: Backend, timeout: float) -> None:
+        self.backend = backend
+        self.timeout = timeout
+
+    def acquire(self, key: str) -> bytes | None:
+        token = new_token()
+        return token if self.backend.add(key + LEASE_SUFFIX, token, self.timeout) else None
+
+    def holder(self, key: str) -> bytes | None:
+        return self.backend.get(key + LEASE_SUFFIX)
+
+    def release(self, key: str, token: bytes, stored: bool) -> None:
+        lease = key + LEASE_SUFFIX
+        # Only our own lease: if it expired while we computed, another caller may hold it now,
+        # and deleting that one would let a third caller compute.
+        if self.backend.get(lease) != token:
+            return
+        if stored:
+            self.backend.delete(lease)
+        else:
+            self.backend.set(lease, UNCACHED, min(self.timeout, UNCACHED_MARK_SECONDS))
+
+    def release_many(self, tokens: dict[str, bytes]) -> None:
+        """Release the leases of several stored keys (key -> our token) in two round trips."""
+        if not tokens:
+            return
+        leases = {key + LEASE_SUFFIX: token for key, token in tokens.items()}
+        current = self.backend.get_many(list(leases))
+        ours = [lease for lease, token in leases.items() if current.get(lease) == token]
+        if ours:
+            self.backend.delete_many(ours)
+
+
 def compute_once(
-    backend: Backend,
+    lease: Lease,
     key: str,
     *,
-    lookup: Callable[[], tuple[bool, Any]],
-    compute: Callable[[], Any],
+    lookup: Callable[[], Any],
+    compute: Callable[[], tuple[Any, bool]],
     on_error: Callable[[BackendError, str], None],
-    lease_timeout: float,
     wait_timeout: float,
-    stored: Callable[[], bool] | None = None,
 ) -> tuple[bool, Any]:
     """Return ``(hit, value)`` for ``key``, computing it in at most one caller at a time.
 
     Args:
-        backend: the store holding the entry and its lease.
+        lease: who computes the key.
         key: the entry's key.
-        lookup: reads the entry: ``(found, value)``; it handles store errors itself.
-        compute: computes the value, stores it (or decides not to) and returns it.
-        on_error: called with a store error of the lease operations (it may re-raise);
-            the caller then computes without protection.
-        lease_timeout: seconds after which a lease expires.
+        lookup: reads the entry: its value or :data:`~memoshare.client.MISSING`; it handles
+            store errors itself.
+        compute: computes the value and stores it (or decides not to): ``(value, stored)``.
+        on_error: called with a store error of the lease operations (it may re-raise); the
+            caller then computes without protection.
         wait_timeout: the longest this caller waits for another one.
-        stored: tells, after ``compute``, whether it stored the value (None: it always does).
     """
-    lease = key + LEASE_SUFFIX
     deadline = time.monotonic() + wait_timeout
     pause = 0.005
     while True:
         try:
-            token = _lease_token()
-            leased = backend.add(lease, token, expire=lease_timeout)
+            token = lease.acquire(key)
         except BackendError as exc:
             on_error(exc, "lease")
-            return False, compute()
-        if leased:
-            uncached = False
+            return False, compute()[0]
+        if token is not None:
+            stored = False
             try:
-                found, value = lookup()  # stored between our miss and our lease?
-                if found:
+                value = lookup()  # stored between our miss and our lease?
+                if value is not MISSING:
+                    stored = True
                     return True, value
-                value = compute()
-                uncached = stored is not None and not stored()
+                value, stored = compute()
                 return False, value
             finally:
-                _release(backend, lease, token, uncached, lease_timeout, on_error)
+                try:
+                    lease.release(key, token, stored)
+                except BackendError as exc:
+                    on_error(exc, "lease release")
         while True:  # another caller holds the lease: wait for its entry, or for it to go
             time.sleep(pause * (0.5 + random.random()))
             pause = min(pause * 1.5, 0.2)
-            found, value = lookup()
-            if found:
+            value = lookup()
+            if value is not MISSING:
                 return True, value
             if time.monotonic() >= deadline:
                 logger.info(
                     "memoshare: waited %.1fs for another worker on %s; computing", wait_timeout, key
                 )
-                return False, compute()
+                return False, compute()[0]
             try:
-                holder = backend.get(lease)
+                holder = lease.holder(key)
             except BackendError as exc:
                 on_error(exc, "lease")
-                return False, compute()
+                return False, compute()[0]
             if holder == UNCACHED:
-                return False, compute()  # nothing is coming: no point in taking turns
+                return False, compute()[0]  # nothing is coming: no point in taking turns
             if holder is None:
                 break  # the holder failed or crashed: compete for the lease again
-
-
-def _release(
-    backend: Backend,
-    lease: str,
-    token: bytes,
-    uncached: bool,
-    lease_timeout: float,
-    on_error: Callable[[BackendError, str], None],
-) -> None:
-    try:
-        # Only our own lease: if it expired while we computed, another caller may hold it
-        # now, and deleting that one would let a third caller compute.
-        if backend.get(lease) != token:
-            return
-        if uncached:
-            backend.set(lease, UNCACHED, expire=min(lease_timeout, UNCACHED_MARK_SECONDS))
-        else:
-            backend.delete(lease)
-    except BackendError as exc:
-        on_error(exc, "lease release")

@@ -1,40 +1,46 @@
-"""Entries on top of a byte store: values larger than an item are split into chunks.
+"""Entries on top of a byte store: :class:`EntryStore`.
 
-A value larger than :attr:`Backend.max_item_size` is stored as chunks under keys of their own
-plus a small *manifest* under the entry's key. The manifest names the chunks by a random nonce
-(so two writers of the same key never mix their chunks) and carries the length and blake2b
-digest of the whole value. The chunks are written first and the manifest last, so a reader
-either finds no manifest (a miss) or a manifest whose chunks were all written. A chunk that was
-evicted since, or that does not match the digest, makes the read a miss, never a wrong value.
+A backend stores items of at most :attr:`Backend.max_item_size` bytes; an *entry* is a payload
+of any size. A payload that fits is stored as one item. A larger one is stored as chunks under
+keys of their own plus a small *manifest* under the entry's key. The manifest names the chunks
+by a random nonce (so two writers of the same key never mix their chunks) and carries the
+length and blake2b digest of the whole payload. The chunks are written first and the manifest
+last, so a reader either finds no manifest (a miss) or a manifest whose chunks were all
+written. A chunk that was evicted since, or that does not match the digest, makes the read a
+miss, never a wrong value.
+
+Everything that knows this layout is here: the front ends read and write payloads only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import random
 import struct
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 
 from .backends.base import Backend
-from .serialization import FLAG_CHUNKED, HEADER_SIZE, CorruptEntry, header
+from .errors import ContendedUpdate, CorruptEntry
+from .serialization import FLAG_CHUNKED, HEADER_SIZE, header
 
-__all__ = [
-    "MAX_ENTRY_KEY_LENGTH",
-    "add_entry",
-    "delete_entry",
-    "read_chunks",
-    "read_entries",
-    "read_entry",
-    "read_entry_for_update",
-    "replace_entry",
-    "write_entries",
-    "write_entry",
-]
+__all__ = ["MAX_ENTRY_KEY_LENGTH", "MAX_UPDATE_ATTEMPTS", "EntryStore", "is_manifest"]
 
 _MANIFEST = struct.Struct("<16sIQ16s")  # nonce, chunk count, total length, digest
 _MANIFEST_HEADER = header(FLAG_CHUNKED)
 #: Entry keys may be at most this long: a chunk key adds ``~<32 hex>~<index>``.
 MAX_ENTRY_KEY_LENGTH = 200
+#: Compare-and-set attempts of :meth:`EntryStore.update` before it gives up.
+MAX_UPDATE_ATTEMPTS = 100
+
+
+def is_manifest(data: bytes) -> bool:
+    """Whether a stored item is a chunk manifest rather than a whole payload."""
+    # bytes.startswith saves the slice's copy on every hit.
+    if type(data) is bytes:
+        return data.startswith(_MANIFEST_HEADER)
+    return data[:4] == _MANIFEST_HEADER
 
 
 def _digest(data: bytes | memoryview) -> bytes:
@@ -45,159 +51,176 @@ def _chunk_keys(key: str, nonce: bytes, count: int) -> list[str]:
     return [f"{key}~{nonce.hex()}~{i}" for i in range(count)]
 
 
-def _split(key: str, payload: bytes, limit: int) -> dict[str, bytes]:
-    """The items to write for ``payload``: chunks first, manifest last (dicts keep order)."""
-    view = memoryview(payload)
-    nonce = os.urandom(16)
-    count = -(-len(payload) // limit)
-    keys = _chunk_keys(key, nonce, count)
-    items: dict[str, bytes] = {
-        k: bytes(view[i * limit : (i + 1) * limit]) for i, k in enumerate(keys)
-    }
-    manifest = _MANIFEST.pack(nonce, count, len(payload), _digest(payload))
-    items[key] = header(FLAG_CHUNKED) + manifest
-    return items
+class _Manifest:
+    """A parsed manifest: which chunks make the payload, and how to check them."""
 
+    __slots__ = ("chunk_keys", "total", "digest")
 
-def _parse_manifest(data: bytes) -> tuple[bytes, int, int, bytes]:
-    if len(data) != HEADER_SIZE + _MANIFEST.size:
-        raise CorruptEntry("chunk manifest has the wrong size")
-    nonce, count, total, digest = _MANIFEST.unpack_from(data, HEADER_SIZE)
-    if not 0 < count <= total:
-        raise CorruptEntry(f"chunk manifest names {count} chunks for {total} bytes")
-    return nonce, count, total, digest
+    def __init__(self, key: str, data: bytes) -> None:
+        if len(data) != HEADER_SIZE + _MANIFEST.size:
+            raise CorruptEntry("chunk manifest has the wrong size")
+        nonce, count, total, digest = _MANIFEST.unpack_from(data, HEADER_SIZE)
+        if not 0 < count <= total:
+            raise CorruptEntry(f"chunk manifest names {count} chunks for {total} bytes")
+        self.chunk_keys = _chunk_keys(key, nonce, count)
+        self.total = total
+        self.digest = digest
 
+    @classmethod
+    def parse(cls, key: str, data: bytes) -> _Manifest | None:
+        """The manifest, or ``None`` if it is damaged (the entry is then a miss)."""
+        try:
+            return cls(key, data)
+        except CorruptEntry:
+            return None
 
-def _manifest_chunk_keys(key: str, data: bytes) -> list[str] | None:
-    """The chunk keys a manifest names, or ``None`` if it is damaged (the entry is a miss)."""
-    try:
-        nonce, count, _, _ = _parse_manifest(data)
-    except CorruptEntry:
-        return None
-    return _chunk_keys(key, nonce, count)
-
-
-def is_manifest(data: bytes) -> bool:
-    """Whether ``data`` is a chunk manifest rather than a plain entry."""
-    # Anything else (a plain entry, or garbage left for serialization.loads to report).
-    # bytes.startswith saves the slice's copy on every hit.
-    if type(data) is bytes:
-        return data.startswith(_MANIFEST_HEADER)
-    return data[:4] == _MANIFEST_HEADER
-
-
-def _join(manifest: bytes, chunks: Mapping[str, bytes], key: str) -> bytes | None:
-    nonce, count, total, digest = _parse_manifest(manifest)
-    parts = [chunks.get(k) for k in _chunk_keys(key, nonce, count)]
-    if any(p is None for p in parts):
-        return None
-    payload = b"".join(parts)  # type: ignore[arg-type]
-    if len(payload) != total or _digest(payload) != digest:
-        return None
-    return payload
-
-
-def write_entry(backend: Backend, key: str, payload: bytes, expire: float | None = None) -> None:
-    """Store ``payload`` under ``key``, chunked if the backend's items are too small for it."""
-    limit = backend.max_item_size
-    if limit is None or len(payload) <= limit:
-        backend.set(key, payload, expire)
-    else:
-        backend.set_many(_split(key, payload, limit), expire)
-
-
-def write_entries(backend: Backend, entries: Mapping[str, bytes]) -> None:
-    """Store several entries in as few round trips as the backend allows."""
-    limit = backend.max_item_size
-    items: dict[str, bytes] = {}
-    for key, payload in entries.items():
-        if limit is None or len(payload) <= limit:
-            items[key] = payload
-        else:
-            items.update(_split(key, payload, limit))
-    backend.set_many(items)
-
-
-def read_entry(backend: Backend, key: str) -> bytes | None:
-    """The payload stored under ``key``, or ``None`` (absent, or a chunk is missing/corrupt)."""
-    data = backend.get(key)
-    if data is None or not is_manifest(data):
-        return data
-    return read_chunks(backend, key, data)
-
-
-def read_chunks(backend: Backend, key: str, manifest: bytes) -> bytes | None:
-    """The payload a manifest already read describes, or ``None`` (a chunk missing/corrupt)."""
-    chunk_keys = _manifest_chunk_keys(key, manifest)
-    return None if chunk_keys is None else _join(manifest, backend.get_many(chunk_keys), key)
-
-
-def read_entries(backend: Backend, keys: Iterable[str]) -> dict[str, bytes]:
-    """The payloads found among ``keys``: one ``get_many``, plus one more if any is chunked."""
-    found = backend.get_many(keys)
-    manifests = {k: v for k, v in found.items() if is_manifest(v)}
-    if not manifests:
-        return found
-    wanted = []
-    for key, data in list(manifests.items()):
-        chunk_keys = _manifest_chunk_keys(key, data)
-        if chunk_keys is None:
-            del manifests[key], found[key]
-        else:
-            wanted.extend(chunk_keys)
-    chunks = backend.get_many(wanted)
-    for key, data in manifests.items():
-        payload = _join(data, chunks, key)
-        if payload is None:
-            del found[key]
-        else:
-            found[key] = payload
-    return found
-
-
-def delete_entry(backend: Backend, key: str) -> bool:
-    """Remove the entry under ``key``, with its chunks; return whether it existed."""
-    data = backend.get(key)
-    if data is None:
-        return False
-    chunk_keys = _manifest_chunk_keys(key, data) if is_manifest(data) else None
-    existed = backend.delete(key)
-    if chunk_keys:
-        backend.delete_many(chunk_keys)
-    return existed
-
-
-def read_entry_for_update(backend: Backend, key: str) -> tuple[bytes | None, object]:
-    """Like :func:`read_entry`, plus the CAS token that :func:`replace_entry` needs.
-
-    ``(None, token)`` with a token means the key holds a chunked entry that cannot be read
-    (a lost chunk, a damaged manifest): write over it, as adding would fail.
-    """
-    data, token = backend.gets(key)
-    if data is None or not is_manifest(data):
-        return data, token
-    chunk_keys = _manifest_chunk_keys(key, data)
-    if chunk_keys is None:
-        return None, token
-    return _join(data, backend.get_many(chunk_keys), key), token
-
-
-def _manifest_and_chunks(backend: Backend, key: str, payload: bytes) -> bytes:
-    """Write the chunks of a large payload; return what to store under ``key`` itself."""
-    limit = backend.max_item_size
-    if limit is None or len(payload) <= limit:
+    def join(self, chunks: Mapping[str, bytes]) -> bytes | None:
+        """The payload from its chunks, or ``None`` if one is missing or does not match."""
+        parts = [chunks.get(k) for k in self.chunk_keys]
+        if any(p is None for p in parts):
+            return None
+        payload = b"".join(parts)  # type: ignore[arg-type]
+        if len(payload) != self.total or _digest(payload) != self.digest:
+            return None
         return payload
-    items = _split(key, payload, limit)
-    manifest = items.pop(key)
-    backend.set_many(items)
-    return manifest
 
 
-def add_entry(backend: Backend, key: str, payload: bytes) -> bool:
-    """Store ``payload`` only if ``key`` holds nothing; return whether it was stored."""
-    return backend.add(key, _manifest_and_chunks(backend, key, payload))
+class EntryStore:
+    """Payloads of any size on a :class:`~memoshare.backends.Backend`.
 
+    Every method raises :class:`~memoshare.BackendError` when the store fails; a missing,
+    damaged or partly evicted entry reads as ``None`` (absent).
+    """
 
-def replace_entry(backend: Backend, key: str, payload: bytes, token: object) -> bool:
-    """Store ``payload`` if ``key`` is unchanged since :func:`read_entry_for_update`."""
-    return backend.cas(key, _manifest_and_chunks(backend, key, payload), token)
+    __slots__ = ("backend", "_get")
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self._get = backend.get  # bound once: the hit path
+
+    # -- reading -------------------------------------------------------------------------------
+    def read(self, key: str) -> bytes | None:
+        """The payload stored under ``key``, or ``None``."""
+        data = self._get(key)
+        if data is None or not is_manifest(data):
+            return data
+        return self._chunked(key, data)
+
+    def _chunked(self, key: str, manifest_data: bytes) -> bytes | None:
+        manifest = _Manifest.parse(key, manifest_data)
+        if manifest is None:
+            return None
+        return manifest.join(self.backend.get_many(manifest.chunk_keys))
+
+    def read_many(self, keys: Iterable[str]) -> dict[str, bytes]:
+        """The payloads found among ``keys``: one ``get_many``, one more if any is chunked."""
+        found = self.backend.get_many(keys)
+        manifests: dict[str, _Manifest] = {}
+        for key, data in list(found.items()):
+            if is_manifest(data):
+                del found[key]
+                manifest = _Manifest.parse(key, data)
+                if manifest is not None:
+                    manifests[key] = manifest
+        if manifests:
+            chunks = self.backend.get_many(k for m in manifests.values() for k in m.chunk_keys)
+            for key, manifest in manifests.items():
+                payload = manifest.join(chunks)
+                if payload is not None:
+                    found[key] = payload
+        return found
+
+    # -- writing -------------------------------------------------------------------------------
+    def _items(self, key: str, payload: bytes) -> dict[str, bytes]:
+        """What to write for ``payload``: itself, or its chunks then its manifest (dicts keep
+        order, and the manifest must come last)."""
+        limit = self.backend.max_item_size
+        if limit is None or len(payload) <= limit:
+            return {key: payload}
+        view = memoryview(payload)
+        nonce = os.urandom(16)
+        count = -(-len(payload) // limit)
+        keys = _chunk_keys(key, nonce, count)
+        items = {k: bytes(view[i * limit : (i + 1) * limit]) for i, k in enumerate(keys)}
+        items[key] = _MANIFEST_HEADER + _MANIFEST.pack(nonce, count, len(payload), _digest(payload))
+        return items
+
+    def _prepared(self, key: str, payload: bytes, expire: float | None = None) -> bytes:
+        """Write the chunks of a large payload; return the item to store under ``key``."""
+        items = self._items(key, payload)
+        item = items.pop(key)
+        if items:
+            self.backend.set_many(items, expire)
+        return item
+
+    def write(self, key: str, payload: bytes, expire: float | None = None) -> None:
+        """Store ``payload`` under ``key`` (``expire``: lifetime in seconds)."""
+        items = self._items(key, payload)
+        if len(items) == 1:
+            self.backend.set(key, payload, expire)
+        else:
+            self.backend.set_many(items, expire)
+
+    def write_many(self, entries: Mapping[str, bytes], expire: float | None = None) -> None:
+        """Store several entries in as few round trips as the backend allows."""
+        items: dict[str, bytes] = {}
+        for key, payload in entries.items():
+            items.update(self._items(key, payload))
+        self.backend.set_many(items, expire)
+
+    def add(self, key: str, payload: bytes, expire: float | None = None) -> bool:
+        """Store ``payload`` only if ``key`` holds nothing; return whether it was stored."""
+        return self.backend.add(key, self._prepared(key, payload, expire), expire)
+
+    def update(
+        self,
+        key: str,
+        change: Callable[[bytes | None], bytes | None],
+        attempts: int = MAX_UPDATE_ATTEMPTS,
+    ) -> bytes | None:
+        """Read-modify-write ``key`` atomically: ``change(current)`` gives the new payload.
+
+        ``current`` is ``None`` when the key is absent or unreadable. ``change`` may run several
+        times (another writer won the compare-and-set: it is called again with that writer's
+        payload); returning ``None`` leaves the entry as it is. Returns the payload stored, or
+        ``None`` if ``change`` declined.
+
+        Raises:
+            ContendedUpdate: other writers won ``attempts`` times in a row.
+        """
+        backend = self.backend
+        for attempt in range(attempts):
+            data, token = backend.gets(key)
+            current = data
+            if data is not None and is_manifest(data):
+                # A lost chunk or a damaged manifest reads as None: it is overwritten (with
+                # the token: adding would fail, the key is taken).
+                current = self._chunked(key, data)
+            new = change(current)
+            if new is None:
+                return None
+            item = self._prepared(key, new)
+            stored = backend.add(key, item) if token is None else backend.cas(key, item, token)
+            if stored:
+                return new
+            time.sleep(min(0.001 * 2**attempt, 0.05) * random.random())
+        raise ContendedUpdate(f"{key!r}: lost {attempts} compare-and-set races in a row")
+
+    def chunk_keys(self, key: str) -> list[str]:
+        """The keys of the chunks of the entry under ``key`` (none for a whole or absent
+        entry, or a damaged manifest)."""
+        data = self._get(key)
+        manifest = _Manifest.parse(key, data) if data is not None and is_manifest(data) else None
+        return [] if manifest is None else manifest.chunk_keys
+
+    # -- removing ------------------------------------------------------------------------------
+    def delete(self, key: str) -> bool:
+        """Remove the entry under ``key`` with its chunks; return whether it existed."""
+        data = self._get(key)
+        if data is None:
+            return False
+        manifest = _Manifest.parse(key, data) if is_manifest(data) else None
+        existed = self.backend.delete(key)
+        if manifest is not None:
+            self.backend.delete_many(manifest.chunk_keys)
+        return existed

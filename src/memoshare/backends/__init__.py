@@ -12,10 +12,10 @@ backend                shared by                                   needs
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import TYPE_CHECKING, Any
 
+from .. import _process
 from .base import (
     MAX_KEY_LENGTH,
     Backend,
@@ -57,8 +57,7 @@ def _new_default_lock() -> None:
     _default_lock = threading.Lock()  # another thread may have held it at the fork
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_default_lock)
+_process.after_fork_child(_new_default_lock, _process.Order.LOCKS)
 
 
 def default_backend() -> DiskBackend:

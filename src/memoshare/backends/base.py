@@ -11,13 +11,15 @@ values larger than :attr:`Backend.max_item_size` and (de)serialization happen ab
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from typing import Any
+
+from .. import _process
+from ..errors import BackendError, BackendRefused, BackendTimeout, BackendUnavailable
 
 __all__ = [
     "MAX_KEY_LENGTH",
@@ -38,22 +40,6 @@ MAX_KEY_LENGTH = 250
 CasToken = Any
 
 
-class BackendError(Exception):
-    """The store failed to answer (connection refused, protocol error, disk full, ...)."""
-
-
-class BackendTimeout(BackendError):
-    """The store did not answer in time."""
-
-
-class BackendRefused(BackendError):
-    """The store is up but refused this operation (value too large, out of memory, ...)."""
-
-
-class BackendUnavailable(BackendError):
-    """The store failed recently and is not retried until its back-off interval has passed."""
-
-
 _live_backends: weakref.WeakSet[Backend] = weakref.WeakSet()
 _live_backends_lock = threading.Lock()
 
@@ -67,8 +53,7 @@ def _reset_all_after_fork() -> None:
         backend._after_fork()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_all_after_fork)
+_process.after_fork_child(_reset_all_after_fork, _process.Order.STORES)
 
 
 class RetryGate:
@@ -87,10 +72,13 @@ class RetryGate:
         self.interval = interval
         self._closed_until = 0.0
 
-    def check(self, where: str) -> None:
-        """Raise :class:`BackendUnavailable` while the store is in its back-off interval."""
+    def check(self, where: str, server: Any = None) -> None:
+        """Raise :class:`BackendUnavailable` (naming ``server``) while the store is in its
+        back-off interval."""
         if self._closed_until and time.monotonic() < self._closed_until:
-            raise BackendUnavailable(f"{where} failed less than {self.interval}s ago")
+            raise BackendUnavailable(
+                f"{where} failed less than {self.interval}s ago", server=server
+            )
 
     def failed(self) -> None:
         self._closed_until = time.monotonic() + self.interval
@@ -114,9 +102,13 @@ class Backend(ABC):
     #: values are split into chunks by :mod:`memoshare.storage`.
     max_item_size: int | None = None
 
-    #: Whether several machines can share this store (memcached, Redis) or only the processes of
-    #: one machine (disk) or one process (memory).
+    #: Whether several machines can share this store (``"network"``: memcached, Redis) or only
+    #: the processes of one machine (``"machine"``: disk) or one process (``"process"``).
     scope: str = "process"
+
+    #: Whether :meth:`keys` can list the stored keys (memcached cannot). Callers that need a
+    #: listing (clearing one dataset, counting entries) fall back on other means without it.
+    can_list_keys: bool = False
 
     def __init__(self) -> None:
         with _live_backends_lock:
@@ -188,8 +180,16 @@ class Backend(ABC):
 
     # -- introspection -------------------------------------------------------------------------
     def keys(self, prefix: str = "") -> list[str]:
-        """List the keys starting with ``prefix`` (not supported by memcached)."""
+        """List the keys starting with ``prefix`` (only where :attr:`can_list_keys`)."""
         raise NotImplementedError(f"{type(self).__name__} cannot list its keys")
+
+    def server_for(self, key: str) -> Hashable | None:
+        """The server that holds ``key`` in a store of several servers (``None``: one store).
+
+        Errors name the same server in :attr:`BackendError.server`, so that an outage is
+        tracked per server: the keys of a live server keep working while another is down.
+        """
+        return None
 
     def info(self) -> dict[str, Any]:
         """Store-level figures (bytes used, items, evictions, ...) where the store has them."""

@@ -31,7 +31,9 @@ from typing import Any
 
 import lmdb
 
-from .base import Backend, BackendError, BackendRefused, CasToken
+from .. import _process
+from ..errors import BackendError, BackendRefused
+from .base import Backend, CasToken
 
 __all__ = ["DiskBackend", "default_cache_dir"]
 
@@ -95,12 +97,9 @@ def _reopen_envs_after_fork() -> None:
     _envs.clear()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(
-        before=_before_fork,
-        after_in_parent=_after_fork_in_parent,
-        after_in_child=_reopen_envs_after_fork,
-    )
+_process.before_fork(_before_fork, _process.Order.STORES)
+_process.after_fork_parent(_after_fork_in_parent, _process.Order.STORES)
+_process.after_fork_child(_reopen_envs_after_fork, _process.Order.STORES)
 
 
 class _MapGuard:
@@ -182,6 +181,7 @@ class DiskBackend(Backend):
     """
 
     scope = "machine"
+    can_list_keys = True
     max_item_size = None
 
     def __init__(

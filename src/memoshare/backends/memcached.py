@@ -29,14 +29,8 @@ from pymemcache.exceptions import (
     MemcacheUnexpectedCloseError,
 )
 
-from .base import (
-    Backend,
-    BackendError,
-    BackendRefused,
-    BackendTimeout,
-    CasToken,
-    RetryGate,
-)
+from ..errors import BackendError, BackendRefused, BackendTimeout
+from .base import Backend, CasToken, RetryGate
 
 __all__ = ["MemcachedBackend", "MemcachedClientConfig", "Server"]
 
@@ -152,15 +146,6 @@ class _Node:
         self.seed = hashlib.blake2b(self.where.encode() + b"\0", digest_size=8)
 
 
-class _Routed:
-    """Stands in for the gate of a backend with several servers: always "closed", so that the
-    single-server fast path of :meth:`MemcachedBackend.get` (which tests only that flag) sends
-    every call through the routing path, at no cost to one server."""
-
-    __slots__ = ()
-    _closed_until = True
-
-
 class MemcachedBackend(Backend):
     """memcached, shared by every machine that reaches the servers.
 
@@ -216,13 +201,8 @@ class MemcachedBackend(Backend):
 
     def _reset_nodes(self) -> None:
         self._nodes = [_Node(server, self.retry_interval) for server in self.servers]
-        if len(self._nodes) == 1:
-            # The fast path of get() reads these two directly.
-            self._gate: RetryGate | _Routed = self._nodes[0].gate
-            self._local = self._nodes[0].local
-        else:
-            self._gate = _Routed()
-            self._local = threading.local()  # unused: each server has its own
+        # The server of every key when there is one: the fast path of get() skips routing.
+        self._single: _Node | None = self._nodes[0] if len(self._nodes) == 1 else None
 
     @classmethod
     def from_config(cls, config: MemcachedClientConfig) -> MemcachedBackend:
@@ -304,11 +284,7 @@ class MemcachedBackend(Backend):
         # No message formatted, no property called unless needed (~1 us a call).
         gate = node.gate
         if gate._closed_until:
-            try:
-                gate.check(f"memcached at {node.where}")
-            except BackendError as exc:
-                exc.server = node.server  # type: ignore[attr-defined]
-                raise
+            gate.check(f"memcached at {node.where}", node.server)
         client = getattr(node.local, "client", None)
         try:
             result = op(self._client(node) if client is None else client)
@@ -326,25 +302,21 @@ class MemcachedBackend(Backend):
 
         The error's ``server`` attribute is the ``(host, port)`` that failed.
         """
-        error: BackendError
+        where, server = node.where, node.server
         if isinstance(exc, TimeoutError | BlockingIOError):  # Python's or the kernel's timeout
             self._failed(node)
-            error = BackendTimeout(f"memcached at {node.where} timed out: {exc}")
-        elif isinstance(exc, MemcacheClientError | MemcacheServerError):
+            return BackendTimeout(f"memcached at {where} timed out: {exc}", server=server)
+        if isinstance(exc, MemcacheClientError | MemcacheServerError):
             if isinstance(exc, MemcacheUnexpectedCloseError):  # the server went away
                 self._failed(node)
-                error = BackendError(f"memcached at {node.where}: {exc}")
-            else:
-                # The server answered (it refused this item: too large, out of memory, ...):
-                # it is up, so its retry gate stays open.
-                error = BackendRefused(f"memcached at {node.where}: {exc}")
-        elif isinstance(exc, OSError | MemcacheError):
+                return BackendError(f"memcached at {where}: {exc}", server=server)
+            # The server answered (it refused this item: too large, out of memory, ...): it is
+            # up, so its retry gate stays open.
+            return BackendRefused(f"memcached at {where}: {exc}", server=server)
+        if isinstance(exc, OSError | MemcacheError):
             self._failed(node)
-            error = BackendError(f"memcached at {node.where}: {exc}")
-        else:
-            return exc
-        error.server = node.server  # type: ignore[attr-defined]
-        return error
+            return BackendError(f"memcached at {where}: {exc}", server=server)
+        return exc
 
     def _failed(self, node: _Node) -> None:
         """Close this server's gate (for every thread) and drop this thread's connection."""
@@ -376,14 +348,14 @@ class MemcachedBackend(Backend):
 
     def get(self, key: str) -> bytes | None:
         # _call's body, inlined for the hit path on one server (no closure, no extra frame).
-        # With several servers self._gate is a _Routed, always "closed": _call routes the key.
-        if self._gate._closed_until:
+        node = self._single
+        if node is None or node.gate._closed_until:
             return self._call(key, lambda c: c.get(key))
-        client = getattr(self._local, "client", None) or self.client
+        client = getattr(node.local, "client", None) or self._client(node)
         try:
             return client.get(key)
         except Exception as exc:
-            error = self._translate(exc, self._nodes[0])
+            error = self._translate(exc, node)
             if error is exc:
                 raise
             raise error from exc
@@ -403,7 +375,7 @@ class MemcachedBackend(Backend):
         try:
             self._each_node(lambda node: read(node, batches[node]) if node in batches else None)
         except BackendError as exc:
-            exc.found = found  # type: ignore[attr-defined]  # what the other servers returned
+            exc.found = found  # what the other servers returned
             raise
         return found
 

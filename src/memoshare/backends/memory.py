@@ -9,7 +9,8 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .base import Backend, BackendRefused, CasToken
+from ..errors import BackendRefused
+from .base import Backend, CasToken
 
 __all__ = ["MemoryBackend"]
 
@@ -29,6 +30,7 @@ class MemoryBackend(Backend):
     """
 
     scope = "process"
+    can_list_keys = True
 
     def __init__(self, capacity: int | None = None, max_bytes: int | None = None) -> None:
         if capacity is not None and capacity < 1:

@@ -7,7 +7,8 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
-from .base import Backend, BackendError, BackendRefused, BackendTimeout, CasToken, RetryGate
+from ..errors import BackendError, BackendRefused, BackendTimeout
+from .base import Backend, CasToken, RetryGate
 
 try:
     import redis
@@ -49,6 +50,7 @@ class RedisBackend(Backend):
     """
 
     scope = "network"
+    can_list_keys = True
 
     def __init__(
         self,

@@ -3,10 +3,9 @@
 A cached dataset is a memoized ``__getitem__``: the sample at index ``i`` of the dataset named
 ``dataset_name`` is computed once and then served from the store to every epoch, every
 DataLoader worker and (with memcached or Redis) every node. It runs on every
-:mod:`memoshare.backends` store and uses the core's pieces: :mod:`memoshare.storage` for
-(chunked) entries, :mod:`memoshare.serialization` for the bytes, and
-:func:`memoshare.stampede.compute_once` so that one caller computes a missing sample while the
-others wait for it.
+:mod:`memoshare.backends` store through the same :class:`~memoshare.client.CacheClient` as
+:func:`memoshare.memoize`, and uses :func:`memoshare.stampede.compute_once` so that one caller
+computes a missing sample while the others wait for it.
 
 Keys. Every key of a dataset starts with ``<namespace>:ds:<id>:`` where ``<id>`` is 16 hex digits
 of a blake2b digest of the canonical encoding of ``(dataset_name, version)``. Then comes
@@ -16,18 +15,23 @@ entry of a :class:`CacheLoader`, or ``manifest``. Names are never pasted into ke
 
 Writes. New samples wait in a bounded write buffer (``writer_buffer_size``) and are written in
 one ``set_many``. The buffer is flushed when it is full, when its oldest sample is older than
-``flush_interval``, on :meth:`flush` / close / context-manager exit, at interpreter exit and when
-a ``multiprocessing`` child (a DataLoader worker) exits. A sample waiting in the buffer is served
-from it, and its stampede lease is held until the sample is in the store (or dropped, when the
-store refuses it), so a process waiting for it never computes it again.
+``flush_interval``, on :meth:`~CachedDataset.flush` / close / context-manager exit, at
+interpreter exit and when a ``multiprocessing`` child (a DataLoader worker) exits. A sample
+waiting in the buffer is served from it, and its stampede lease is held until the sample is in
+the store (or dropped, when the store refuses it), so a process waiting for it never computes it
+again.
 """
 
-# Not API: stored samples name these two as ``memoshare.datasets._rebuild_array`` and
-# ``memoshare.datasets._rebuild_tensor`` (see .codec), so they must stay reachable here.
-from .codec import _rebuild_array as _rebuild_array
-from .codec import _rebuild_tensor as _rebuild_tensor
-from .dataset import CachedDataset, IncompleteCacheError
+from ..errors import IncompleteCacheError
+from . import codec
+from .cache import CacheOptions
+from .dataset import CachedDataset
 from .loader import CacheLoader
 from .preload import Preload
 
-__all__ = ["CacheLoader", "CachedDataset", "IncompleteCacheError", "Preload"]
+__all__ = ["CacheLoader", "CacheOptions", "CachedDataset", "IncompleteCacheError", "Preload"]
+
+# Stored samples name the codec's rebuild functions ``memoshare.datasets._rebuild_array`` and
+# ``memoshare.datasets._rebuild_tensor`` (see .codec): they must stay reachable here.
+_rebuild_array = codec.rebuild_array
+_rebuild_tensor = codec.rebuild_tensor

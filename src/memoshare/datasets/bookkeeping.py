@@ -8,7 +8,7 @@ import threading
 logger = logging.getLogger("memoshare")
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -16,7 +16,7 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover - loop always returns
 
 
-class _Sizes:
+class Sizes:
     """Samples and bytes this process wrote, with a log line every ``log_every`` samples."""
 
     def __init__(self, name: str, log_every: int | None) -> None:
@@ -42,7 +42,7 @@ class _Sizes:
                 "memoshare: %s: %d samples cached (%s) by this process",
                 self.name,
                 after,
-                _human(total),
+                human_bytes(total),
             )
 
     @property
@@ -50,7 +50,7 @@ class _Sizes:
         return self.bytes / self.samples if self.samples else 0.0
 
 
-class _Known:
+class KnownIndices:
     """One bit per index: the samples this process saw in the store (to notice evictions)."""
 
     def __init__(self, length: int) -> None:

@@ -1,5 +1,6 @@
-"""The write buffer of a cache, its background flusher, and the lease relay of stampede
-protection (a lease is released once its sample is in the store, or dropped)."""
+"""The write buffer of a cache (:class:`WriteBuffer`), the thread that flushes idle buffers
+(:class:`BufferFlusher`), and the lease of stampede protection that is released once its sample
+is in the store, or dropped (:class:`BufferedLease`)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,13 @@ import time
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from .. import storage
-from ..backends import Backend, BackendError, BackendRefused
-from ..stampede import LEASE_SUFFIX
-
-if TYPE_CHECKING:
-    from ..health import StoreHealth
-    from .bookkeeping import _Known, _Sizes
+from .. import _process
+from ..backends.base import Backend
+from ..client import CacheClient
+from ..errors import BackendError, BackendRefused
+from ..stampede import StoreLease
+from .bookkeeping import KnownIndices, Sizes
 
 logger = logging.getLogger("memoshare")
 
@@ -33,7 +32,9 @@ _FLUSH_TICK = 0.1
 
 # -- the write buffer ------------------------------------------------------------------------------
 @dataclass
-class _Pending:
+class Pending:
+    """A sample waiting in the buffer."""
+
     payload: bytes
     index: int | None
     since: float
@@ -41,25 +42,26 @@ class _Pending:
     refusals: int = 0  # writes the store refused
 
 
-class _WriteBuffer:
+class WriteBuffer:
     """Samples waiting to be written together in one ``set_many``.
 
     Holds no reference to its owner, so that the exit and garbage-collection finalizers that
-    flush it do not keep the owner alive.
+    flush it do not keep the owner alive. The stampede leases of its samples (see
+    :class:`BufferedLease`) are released by the flush that writes or drops them.
     """
 
     def __init__(
         self,
-        backend: Backend,
-        health: StoreHealth,
-        sizes: _Sizes,
-        known: _Known | None,
+        client: CacheClient,
+        leases: StoreLease,
+        sizes: Sizes,
+        known: KnownIndices | None,
         capacity: int,
         flush_interval: float | None,
         count_key: str | None,
     ) -> None:
-        self.backend = backend
-        self.health = health
+        self.client = client
+        self.leases = leases
         self.sizes = sizes
         self.known = known
         self.capacity = capacity
@@ -70,7 +72,7 @@ class _WriteBuffer:
 
     def reset(self) -> None:
         """Start empty, with fresh locks."""
-        self.pending: dict[str, _Pending] = {}
+        self.pending: dict[str, Pending] = {}
         # Payloads a forked child found in its parent's buffer: served here, written (and
         # their leases released) by the parent.
         self.inherited: dict[str, bytes] = {}
@@ -112,7 +114,7 @@ class _WriteBuffer:
     def put(self, key: str, payload: bytes, index: int | None, flush: bool = True) -> None:
         with self._lock:
             old = self.pending.pop(key, None)
-            entry = _Pending(payload, index, time.monotonic())
+            entry = Pending(payload, index, time.monotonic())
             if old is not None:
                 self.pending_bytes -= len(old.payload)
                 entry.token, old.token = old.token, None  # one owner releases the lease
@@ -122,7 +124,7 @@ class _WriteBuffer:
             self.puts += 1
             full = len(self.pending) >= self._flush_at
         if self.flush_interval is not None:
-            _flusher.watch(self)
+            flusher.watch(self)
         if flush and full:
             self.flush()
 
@@ -139,10 +141,9 @@ class _WriteBuffer:
             and now - oldest.since >= self.flush_interval
         )
 
-    def hold_lease(self, lease: str, token: bytes) -> bool:
-        """Keep the lease (our ``token``) until its sample is written or dropped; ``False`` if
-        the sample is not waiting here."""
-        key = lease[: -len(LEASE_SUFFIX)]
+    def hold(self, key: str, token: bytes) -> bool:
+        """Keep the lease of ``key`` (our ``token``) until its sample is written or dropped;
+        ``False`` if the sample is not waiting here."""
         with self._lock:
             entry = self.pending.get(key)
             if entry is None or entry.token is not None:
@@ -150,29 +151,23 @@ class _WriteBuffer:
             entry.token = token
             return True
 
-    def release(self, leases: dict[str, bytes]) -> None:
-        """Delete those of ``leases`` (key: our token) that still hold our token, in two round
-        trips. A lease that expired (a slow write) may be another process's now: deleting
-        it would let a third one compute the sample too (as in :mod:`memoshare.stampede`)."""
-        if not leases:
-            return
+    def release(self, tokens: dict[str, bytes]) -> None:
+        """Release the leases of these samples (key: our token); a store error only delays
+        it (the leases expire by themselves)."""
         try:
-            current = self.backend.get_many(list(leases))
-            ours = [lease for lease, token in leases.items() if current.get(lease) == token]
-            if ours:
-                self.backend.delete_many(ours)
-        except BackendError as exc:  # the leases expire by themselves
-            logger.debug("memoshare: %s: releasing leases failed: %s", self.health.name, exc)
+            self.leases.release_many(tokens)
+        except BackendError as exc:
+            logger.debug("memoshare: %s: releasing leases failed: %s", self.client.name, exc)
 
     @staticmethod
-    def _take_leases(entries: Iterable[tuple[str, _Pending]]) -> dict[str, bytes]:
+    def _take_leases(entries: Iterable[tuple[str, Pending]]) -> dict[str, bytes]:
         """The leases held by ``entries``, which then hold none (call with the lock held)."""
-        leases = {}
+        tokens = {}
         for key, entry in entries:
             if entry.token is not None:
-                leases[key + LEASE_SUFFIX] = entry.token
+                tokens[key] = entry.token
                 entry.token = None
-        return leases
+        return tokens
 
     def flush(self, attempts: int = 1) -> bool:
         """Write every waiting sample in one round trip; return whether all were written.
@@ -195,21 +190,20 @@ class _WriteBuffer:
                 if attempt:
                     time.sleep(RETRY_PAUSES[min(attempt, len(RETRY_PAUSES)) - 1])
                 try:
-                    storage.write_entries(self.backend, {k: e.payload for k, e in batch.items()})
+                    self.client.write_many({k: e.payload for k, e in batch.items()})
                 except BackendError as exc:
                     error = exc
                     if isinstance(exc, BackendRefused):
                         for entry in batch.values():
                             entry.refusals += 1
                     continue
-                self.health.write_ok()
                 self._written(batch)
                 return True
             self._drop(batch)
-            self.health.failed(error, "write")  # after _drop: it raises in strict mode
+            self.client.failed(error, "write")  # after _drop: it raises in strict mode
             return False
 
-    def _written(self, batch: dict[str, _Pending]) -> None:
+    def _written(self, batch: dict[str, Pending]) -> None:
         with self._lock:
             for key, entry in batch.items():
                 if self.pending.get(key) is entry:
@@ -217,7 +211,6 @@ class _WriteBuffer:
                     self.pending_bytes -= len(entry.payload)
             leases = self._take_leases(batch.items())
             self._flush_at = self.capacity
-        self.health.stats.count("sets", len(batch))
         self.sizes.add(len(batch), sum(len(e.payload) for e in batch.values()))
         if self.known is not None:
             for entry in batch.values():
@@ -226,11 +219,11 @@ class _WriteBuffer:
         self.release(leases)
         if self.count_key is not None:
             try:
-                self.backend.incr(self.count_key, len(batch))
+                self.client.backend.incr(self.count_key, len(batch))
             except BackendError as exc:
-                logger.debug("memoshare: %s: counting writes failed: %s", self.health.name, exc)
+                logger.debug("memoshare: %s: counting writes failed: %s", self.client.name, exc)
 
-    def _drop(self, batch: dict[str, _Pending]) -> None:
+    def _drop(self, batch: dict[str, Pending]) -> None:
         """After a failed write: drop the samples refused :data:`REFUSED_TRIES` times, then
         the oldest past ``max_pending``; count, report, and release their leases (nobody
         writes them now: other processes must not wait ``lease_timeout`` for them)."""
@@ -261,7 +254,7 @@ class _WriteBuffer:
             logger.warning(
                 "memoshare: %s: the store does not take writes; %d samples dropped from the "
                 "write buffer so far (it keeps %d); they are recomputed when asked for",
-                self.health.name,
+                self.client.name,
                 self.sizes.dropped,
                 self.max_pending,
             )
@@ -273,7 +266,7 @@ class _WriteBuffer:
         try:
             written = self.flush(attempts=len(RETRY_PAUSES) + 1)
         except BackendError as exc:  # strict mode: nobody left to raise to at exit
-            logger.warning("memoshare: %s: final flush failed: %s", self.health.name, exc)
+            logger.warning("memoshare: %s: final flush failed: %s", self.client.name, exc)
             written = False
         if written or not self.pending:
             return
@@ -286,48 +279,33 @@ class _WriteBuffer:
         logger.warning(
             "memoshare: %s: %d samples could not be written (store unavailable); they will be "
             "recomputed when asked for",
-            self.health.name,
+            self.client.name,
             len(self.pending),
         )
 
 
-class _LeaseRelay:
-    """The store as :func:`compute_once` sees it, for the leases it takes.
+class BufferedLease(StoreLease):
+    """A :class:`~memoshare.stampede.StoreLease` whose sample waits in a write buffer.
 
-    A lease whose sample waits in the write buffer is released by the flush that writes (or
-    drops) the sample, not when the computation ends. Every release checks that the lease
-    still holds our token, so :func:`compute_once`'s own check (reading its lease back before
-    deleting it) is answered here, without a round trip per computed sample.
+    The holder of a computed sample keeps the lease until the flush that writes (or drops)
+    the sample releases it: a process waiting for the sample finds it stored when the lease
+    ends, instead of computing it again. That release checks our token for a whole batch at
+    once, so no round trip is spent per computed sample.
     """
 
-    __slots__ = ("backend", "buffer", "tokens")
+    __slots__ = ("buffer",)
 
-    def __init__(self, backend: Backend, buffer: _WriteBuffer) -> None:
-        self.backend = backend
+    def __init__(self, backend: Backend, timeout: float, buffer: WriteBuffer) -> None:
+        super().__init__(backend, timeout)
         self.buffer = buffer
-        # (thread, lease) -> our token, from add() to delete() in one compute_once call.
-        self.tokens: dict[tuple[int, str], bytes] = {}
 
-    def add(self, key: str, value: bytes, expire: float | None = None) -> bool:
-        added = self.backend.add(key, value, expire)
-        if added:
-            self.tokens[threading.get_ident(), key] = value
-        return added
-
-    def get(self, key: str) -> bytes | None:
-        token = self.tokens.get((threading.get_ident(), key))
-        return token if token is not None else self.backend.get(key)
-
-    def delete(self, key: str) -> bool:
-        token = self.tokens.pop((threading.get_ident(), key), None)
-        if token is None:
-            return self.backend.delete(key)
-        if not self.buffer.hold_lease(key, token):
-            self.buffer.release({key: token})
-        return True
+    def release(self, key: str, token: bytes, stored: bool) -> None:
+        if stored and self.buffer.hold(key, token):
+            return
+        super().release(key, token, stored)
 
 
-class _Flusher:
+class BufferFlusher:
     """One daemon thread per process writing buffers whose oldest sample waited too long.
 
     Without it a sample could wait in an idle process's buffer (the parent of DataLoader
@@ -335,11 +313,11 @@ class _Flusher:
     """
 
     def __init__(self) -> None:
-        self._buffers: weakref.WeakSet[_WriteBuffer] = weakref.WeakSet()
+        self._buffers: weakref.WeakSet[WriteBuffer] = weakref.WeakSet()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def watch(self, buffer: _WriteBuffer) -> None:
+    def watch(self, buffer: WriteBuffer) -> None:
         if buffer not in self._buffers:
             with self._lock:
                 self._buffers.add(buffer)
@@ -367,4 +345,5 @@ class _Flusher:
         self._lock = threading.Lock()
 
 
-_flusher = _Flusher()
+flusher = BufferFlusher()
+_process.after_fork_child(flusher.after_fork_in_child, _process.Order.CACHES)

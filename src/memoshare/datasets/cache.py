@@ -1,26 +1,29 @@
-"""The cache of one named dataset: keys, lookups, stampede-protected computation, the manifest,
-evictions; and the registry of live caches, flushed at exit and reset in a forked child."""
+"""The cache of one named dataset: :class:`CacheOptions`, :class:`SampleCache` (keys, lookups,
+stampede-protected computation, the manifest, evictions, on a
+:class:`~memoshare.client.CacheClient`), and :class:`CacheFront`, what :class:`CachedDataset` and
+:class:`CacheLoader` share."""
 
 from __future__ import annotations
 
-import atexit
+import dataclasses
 import logging
-import multiprocessing.util
-import os
 import time
 import weakref
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from .. import serialization, storage
-from ..backends import Backend, BackendError, make_backend
+from .. import _process, serialization
+from ..backends import Backend, make_backend
+from ..client import MISSING, CacheClient
 from ..counters import CacheStats
-from ..health import StoreHealth
-from ..keys import check_namespace, value_digest
-from ..stampede import compute_once
-from .bookkeeping import _human, _Known, _Sizes
-from .buffer import RETRY_PAUSES, _flusher, _LeaseRelay, _WriteBuffer
-from .codec import _dumps_sample
+from ..errors import BackendError, CorruptEntry
+from ..keys import DEFAULT_NAMESPACE, check_namespace, value_digest
+from ..options import check_bool, check_int, check_seconds
+from ..stampede import StoreLease, compute_once
+from .bookkeeping import KnownIndices, Sizes, human_bytes
+from .buffer import RETRY_PAUSES, BufferedLease, WriteBuffer
+from .codec import dumps_sample
 
 logger = logging.getLogger("memoshare")
 
@@ -31,90 +34,127 @@ EVICTION_CHECK_INTERVAL = 5.0
 #: Indices per ``get_many`` when checking which samples are stored.
 SCAN_BATCH = 512
 
-
-class _Missing:
-    def __repr__(self) -> str:
-        return "<missing>"
+_live_caches: weakref.WeakSet[SampleCache] = weakref.WeakSet()
 
 
-#: Marks a miss: ``None`` and other falsy samples are values like any other.
-_MISSING: Any = _Missing()
-
-
-_live_caches: weakref.WeakSet[_SampleCache] = weakref.WeakSet()
-
-
-def _flush_all_at_exit() -> None:
+def _flush_all() -> None:
     for cache in list(_live_caches):
         cache.buffer.final_flush()
 
 
 def _after_fork_in_child() -> None:
-    _flusher.after_fork_in_child()
     for cache in list(_live_caches):
-        cache._after_fork()
+        cache.after_fork()
 
 
-atexit.register(_flush_all_at_exit)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+_process.at_exit(_flush_all, _process.Order.CACHES)
+_process.after_fork_child(_after_fork_in_child, _process.Order.CACHES)
 
 
-# -- the cache of one dataset ----------------------------------------------------------------------
-class _SampleCache:
-    """Keys, lookups, stampede-protected computation and writes of one named dataset."""
+@dataclass(frozen=True)
+class CacheOptions:
+    """How the samples of one dataset are cached: the options of :class:`CachedDataset` and
+    :class:`CacheLoader`, checked when they are built.
 
-    def __init__(
-        self,
-        *,
-        backend: Backend | str | None,
-        backend_options: dict[str, Any],
-        dataset_name: str,
-        version: Any,
-        namespace: str,
-        writer_buffer_size: int,
-        stampede: bool,
-        lease_timeout: float,
-        wait_timeout: float | None,
-        flush_interval: float | None,
-        strict: bool,
-        log_every: int | None,
-        length: int | None,
-        label: str,
-    ) -> None:
-        if not isinstance(dataset_name, str):
-            raise TypeError(f"dataset_name must be a str, got {type(dataset_name).__qualname__}")
-        if isinstance(writer_buffer_size, bool) or not isinstance(writer_buffer_size, int):
-            raise TypeError(f"writer_buffer_size must be an int, got {writer_buffer_size!r}")
-        if writer_buffer_size < 1:
-            raise ValueError(f"writer_buffer_size must be >= 1, got {writer_buffer_size}")
-        if lease_timeout <= 0:
-            raise ValueError(f"lease_timeout must be > 0 seconds, got {lease_timeout!r}")
-        if flush_interval is not None and flush_interval <= 0:
-            raise ValueError(f"flush_interval must be > 0 seconds or None, got {flush_interval!r}")
-        if log_every is not None and log_every < 0:
-            raise ValueError(f"log_every must be >= 0 or None, got {log_every!r}")
-        self.namespace = check_namespace(namespace)
-        self.dataset_name = dataset_name
-        self.version = version
+    Args:
+        dataset_name: the name entries are stored under; the same name (and version) reuses
+            them, which is how jobs share a cache.
+        version: a fingerprint of the data and its preprocessing (any plain value); change it
+            when they change, so that stale samples are never served.
+        namespace: prefix of every key (as for :func:`memoshare.memoize`).
+        writer_buffer_size: new samples are written in batches of this many, in one round trip.
+        stampede: on a miss, let one process compute while the others wait for its sample.
+        lease_timeout: seconds after which a computing process's claim expires (a crashed
+            worker blocks the others no longer than that); above the time one sample takes
+            plus ``flush_interval``.
+        wait_timeout: longest a process waits for another one's sample (default
+            ``lease_timeout``).
+        flush_interval: seconds after which buffered samples are written even if the buffer
+            is not full (``None``: only when full, on flush, close and exit).
+        strict: raise store errors instead of warning and going on uncached.
+        log_every: log a line with the samples and bytes cached every this many writes
+            (``None`` or 0: never).
+    """
+
+    dataset_name: str = ""
+    version: Any = None
+    namespace: str = DEFAULT_NAMESPACE
+    writer_buffer_size: int = 1
+    stampede: bool = True
+    lease_timeout: float = 30.0
+    wait_timeout: float | None = None
+    flush_interval: float | None = 1.0
+    strict: bool = False
+    log_every: int | None = 1000
+
+    def __post_init__(self) -> None:
+        def fix(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        owner = "dataset cache"
+        if not isinstance(self.dataset_name, str):
+            raise TypeError(
+                f"dataset_name must be a str, got {type(self.dataset_name).__qualname__}"
+            )
+        check_namespace(self.namespace)
+        fix(
+            "writer_buffer_size",
+            check_int(owner, "writer_buffer_size", self.writer_buffer_size, minimum=1),
+        )
+        check_bool(owner, "stampede", self.stampede)
+        check_bool(owner, "strict", self.strict)
+        fix("lease_timeout", check_seconds(owner, "lease_timeout", self.lease_timeout))
+        wait = self.lease_timeout if self.wait_timeout is None else self.wait_timeout
+        fix("wait_timeout", check_seconds(owner, "wait_timeout", wait, zero=True))
+        if self.flush_interval is not None:
+            fix("flush_interval", check_seconds(owner, "flush_interval", self.flush_interval))
+        if self.log_every is not None:
+            fix("log_every", check_int(owner, "log_every", self.log_every, minimum=0))
         try:
-            digest = value_digest((LAYOUT, dataset_name, version), digest_size=8).hex()
+            value_digest(self.version)
         except (TypeError, RecursionError) as exc:
             raise TypeError(
                 f"version must be a plain value (str, number, tuple, dict, ...): {exc}"
             ) from exc
-        self.prefix = f"{namespace}:ds:{digest}:"
+
+    @classmethod
+    def split(cls, kind: str, keywords: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``keywords`` as (cache options, backend options); Bagua's server options are
+        refused with a message saying what to do instead."""
+        refuse_server_options(kind, keywords)
+        names = {f.name for f in dataclasses.fields(cls)}
+        options = {k: v for k, v in keywords.items() if k in names}
+        return options, {k: v for k, v in keywords.items() if k not in names}
+
+
+class SampleCache:
+    """Keys, lookups, stampede-protected computation and writes of one named dataset.
+
+    Args:
+        backend: the store, as for :func:`memoshare.memoize` (a name is built with
+            ``backend_options``, and then closed with this cache).
+        options: the :class:`CacheOptions`.
+        length: the number of samples (``None`` for a :class:`CacheLoader`, or until a
+            cache opened without its dataset reads it from the manifest).
+        label: what the cache is called in messages.
+    """
+
+    def __init__(
+        self,
+        backend: Backend | str | None,
+        options: CacheOptions,
+        *,
+        length: int | None,
+        label: str,
+        backend_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.options = options
+        digest = value_digest((LAYOUT, options.dataset_name, options.version), digest_size=8)
+        self.prefix = f"{options.namespace}:ds:{digest.hex()}:"
         self.owns_backend = not isinstance(backend, Backend) and (
             backend is not None or bool(backend_options)
         )
-        self.backend = make_backend(backend, **backend_options)
-        self.writer_buffer_size = writer_buffer_size
-        self.stampede = stampede
-        self.lease_timeout = lease_timeout
-        self.wait_timeout = lease_timeout if wait_timeout is None else wait_timeout
-        self.flush_interval = flush_interval
-        self.strict = strict
-        self.log_every = log_every
+        self.backend = make_backend(backend, **(backend_options or {}))
         self.length = length
         self.label = label
         self.eviction_baseline = self._read_evictions()
@@ -122,63 +162,65 @@ class _SampleCache:
 
     # -- runtime state (rebuilt after unpickling) ----------------------------------------------
     def _start(self) -> None:
-        self.stats = CacheStats()
-        self.health = StoreHealth(self.label, self.stats, self.strict)
-        self.sizes = _Sizes(self.label, self.log_every)
-        self.known = _Known(self.length) if self.length is not None else None
-        can_list = type(self.backend).keys is not Backend.keys
-        count_key = None if can_list or self.length is not None else self.prefix + "count"
-        self.buffer = _WriteBuffer(
-            self.backend,
-            self.health,
+        options = self.options
+        self.client = CacheClient(
+            self.backend, self.label, strict=options.strict, dumps=dumps_sample
+        )
+        self.stats = self.client.stats
+        self.sizes = Sizes(self.label, options.log_every)
+        self.known = KnownIndices(self.length) if self.length is not None else None
+        counted = not self.backend.can_list_keys and self.length is None
+        self.buffer = WriteBuffer(
+            self.client,
+            StoreLease(self.backend, options.lease_timeout),
             self.sizes,
             self.known,
-            self.writer_buffer_size,
-            self.flush_interval,
-            count_key,
+            options.writer_buffer_size,
+            options.flush_interval,
+            self.prefix + "count" if counted else None,
         )
-        self.relay = _LeaseRelay(self.backend, self.buffer)
+        self.lease = BufferedLease(self.backend, options.lease_timeout, self.buffer)
         self._warned_evictions = False
-        self._warned_unpicklable = False
         self._next_eviction_check = 0.0
         _live_caches.add(self)
-        self._register_finalizer()
-        multiprocessing.util.register_after_fork(self, _SampleCache._after_multiprocessing_fork)
+        # Flushed when collected too; at exit the process hook flushes every live cache.
+        weakref.finalize(self, self.buffer.final_flush).atexit = False
 
-    def _register_finalizer(self) -> None:
-        # Runs when this object is collected, at interpreter exit, and when a multiprocessing
-        # child (a DataLoader worker) exits, where atexit handlers do not run.
-        self._finalizer = multiprocessing.util.Finalize(
-            self, self.buffer.final_flush, exitpriority=10
-        )
-
-    def _after_fork(self) -> None:
-        # The parent still owns (and will write) what was waiting in the buffer; until then
-        # this child serves those samples from its copy instead of waiting for their leases.
+    def after_fork(self) -> None:
+        """In a forked child: the parent still owns (and will write) what was waiting in the
+        buffer; until then this child serves those samples from its copy instead of waiting
+        for their leases."""
         self.buffer.after_fork()
-        self.relay.tokens.clear()  # the parent's threads' leases; thread ids get reused
         self.stats.reset()
         self.sizes.reset()
 
-    def _after_multiprocessing_fork(self) -> None:
-        # multiprocessing clears its finalizer registry in a new child: register again.
-        self._register_finalizer()
+    def set_length(self, length: int) -> None:
+        """Learn the number of samples (from the manifest of a cache opened without them)."""
+        self.length = length
+        self.known = self.buffer.known = KnownIndices(length)
+
+    def forget_seen(self) -> None:
+        """Forget which samples were seen stored (after clear(): misses are not evictions)."""
+        if self.length is not None:
+            self.known = self.buffer.known = KnownIndices(self.length)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {
-            name: getattr(self, name)
-            for name in (
-                "namespace", "dataset_name", "version", "prefix", "owns_backend", "backend",
-                "writer_buffer_size", "stampede", "lease_timeout", "wait_timeout",
-                "flush_interval", "strict", "log_every", "length", "label", "eviction_baseline",
-            )
-        }  # fmt: skip
+        names = ("options", "prefix", "owns_backend", "backend", "length", "label")
+        return {name: getattr(self, name) for name in (*names, "eviction_baseline")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._start()
 
     # -- keys ----------------------------------------------------------------------------------
+    @property
+    def dataset_name(self) -> str:
+        return self.options.dataset_name
+
+    @property
+    def version(self) -> Any:
+        return self.options.version
+
     def loader_key(self, key: Any) -> str:
         try:
             return f"{self.prefix}k{value_digest(key, digest_size=16).hex()}"
@@ -194,36 +236,20 @@ class _SampleCache:
 
     # -- reads ---------------------------------------------------------------------------------
     def find(self, key: str) -> Any:
-        """The cached value of ``key`` (buffer, then store) or ``_MISSING``; counts nothing."""
+        """The cached value of ``key`` (buffer, then store) or ``MISSING``; counts nothing."""
         payload = self.buffer.get(key)
         if payload is None:
-            try:
-                payload = storage.read_entry(self.backend, key)
-            except BackendError as exc:
-                self.health.failed(exc, "read")
-                return _MISSING
-            if self.health.failing:
-                self.health.ok()
-            if payload is None:
-                return _MISSING
-        return self._decode(key, payload)
-
-    def _decode(self, key: str, payload: bytes) -> Any:
-        try:
-            return serialization.loads(payload)
-        except serialization.CorruptEntry as exc:
-            logger.warning("memoshare: %s: unreadable entry %s (%s): recomputing", self.label,
-                           key, exc)  # fmt: skip
-            return _MISSING
+            return self.client.lookup(key)
+        return self.client.decode(key, payload)
 
     def lookup(self, key: str, index: int | None) -> Any:
         """Like :meth:`find`, counting a hit or noticing an evicted sample."""
         value = self.find(key)
-        if value is _MISSING:
+        if value is MISSING:
             if index is not None and self.known is not None and index in self.known:
                 self.check_evictions(suspect=True)
-            return _MISSING
-        self.stats.count("hits")
+            return MISSING
+        self.stats.hit()
         if index is not None and self.known is not None:
             self.known.add(index)
         return value
@@ -236,32 +262,15 @@ class _SampleCache:
             for key in keys:
                 payload = self.buffer.get(key)
                 if payload is not None:
-                    found[key] = self._decode(key, payload)
+                    found[key] = self.client.decode(key, payload)
             wanted = [k for k in keys if k not in found]
         if wanted:
-            try:
-                payloads = storage.read_entries(self.backend, dict.fromkeys(wanted))
-            except BackendError as exc:
-                self.health.failed(exc, "read")
-                payloads = {}
-            else:
-                if self.health.failing:
-                    self.health.ok()
-            # Release each payload once decoded: the next sample's buffer then reuses its
-            # memory instead of growing the heap (measured: a third of the decoding time).
-            loads = serialization.loads
-            while payloads:
-                key, payload = payloads.popitem()
-                try:
-                    found[key] = loads(payload)
-                except serialization.CorruptEntry:
-                    found[key] = self._decode(key, payload)  # logs it; a miss
-                del payload
+            found.update(self.client.lookup_many(list(dict.fromkeys(wanted))))
         # This loop runs once per sample of every cached batch: kept free of calls.
         hits = 0
         bits = self.known.bits if self.known is not None else None
         for key, index in zip(keys, indices, strict=True):
-            if found.get(key, _MISSING) is _MISSING:
+            if found.get(key, MISSING) is MISSING:
                 found.pop(key, None)  # an unreadable entry
                 if bits is not None and bits[index >> 3] & (1 << (index & 7)):
                     self.check_evictions(suspect=True)  # a sample seen stored has vanished
@@ -277,9 +286,9 @@ class _SampleCache:
         if self.buffer.get(key) is not None:
             return True
         try:
-            return bool(self.backend.exists_many([key]))
+            return bool(self.client.present([key]))
         except BackendError as exc:
-            self.health.failed(exc, "read")
+            self.client.failed(exc, "read")
             return False
 
     def stored_among(self, keys: list[str]) -> set[str]:
@@ -287,12 +296,12 @@ class _SampleCache:
         are not downloaded where the store can tell without them)."""
         stored: set[str] = set()
         for start in range(0, len(keys), SCAN_BATCH):
-            stored.update(self.backend.exists_many(keys[start : start + SCAN_BATCH]))
+            stored.update(self.client.present(keys[start : start + SCAN_BATCH]))
         return stored
 
     def listed(self, tag: str) -> list[str] | None:
         """Keys of this dataset starting with ``tag`` (``None`` if the store cannot list)."""
-        if type(self.backend).keys is Backend.keys:
+        if not self.backend.can_list_keys:
             return None
         # Chunks ("key~nonce~n") and leases ("key~lease") are not entries.
         return [k for k in self.backend.keys(self.prefix + tag) if "~" not in k]
@@ -306,71 +315,48 @@ class _SampleCache:
         flush: bool = True,
     ) -> Any:
         """Compute a missing sample (once among all waiting callers), buffer and return it."""
-        if not self.stampede or self.health.failing:
-            return self._compute(key, index, compute, flush)
-
-        def find_pair() -> tuple[bool, Any]:
-            value = self.find(key)
-            return value is not _MISSING, value
-
+        if not self.options.stampede or self.client.health.failing:
+            return self._compute(key, index, compute, flush)[0]
         hit, value = compute_once(
-            self.relay,  # type: ignore[arg-type]  # add/get/delete are all compute_once uses
+            self.lease,
             key,
-            lookup=find_pair,
+            lookup=lambda: self.find(key),
             compute=lambda: self._compute(key, index, compute, flush),
-            on_error=self.health.failed,
-            lease_timeout=self.lease_timeout,
-            wait_timeout=self.wait_timeout,
+            on_error=self.client.failed,
+            wait_timeout=self.options.wait_timeout,  # type: ignore[arg-type]
         )
         if hit:
-            self.stats.count("hits")
+            self.stats.hit()
         return value
 
     def ensure_stored(self, key: str, index: int | None, compute: Callable[[], Any]) -> bool:
         """Compute and buffer ``key`` unless stored (for preloading); whether it computed."""
         if self.present(key):
             return False
-        computed = False
-
-        def compute_and_count() -> None:
-            nonlocal computed
-            computed = True
+        if not self.options.stampede or self.client.health.failing:
             self._compute(key, index, compute, flush=True)
-
-        if not self.stampede or self.health.failing:
-            compute_and_count()
             return True
-        compute_once(
-            self.relay,  # type: ignore[arg-type]
+        hit, _ = compute_once(
+            self.lease,
             key,
-            lookup=lambda: (self.present(key), None),
-            compute=compute_and_count,
-            on_error=self.health.failed,
-            lease_timeout=self.lease_timeout,
-            wait_timeout=self.wait_timeout,
+            lookup=lambda: None if self.present(key) else MISSING,
+            compute=lambda: self._compute(key, index, compute, flush=True),
+            on_error=self.client.failed,
+            wait_timeout=self.options.wait_timeout,  # type: ignore[arg-type]
         )
-        return computed
+        return not hit
 
-    def _compute(self, key: str, index: int | None, compute: Callable[[], Any], flush: bool) -> Any:
+    def _compute(
+        self, key: str, index: int | None, compute: Callable[[], Any], flush: bool
+    ) -> tuple[Any, bool]:
+        """Compute a sample and buffer it: ``(value, whether it is buffered)``."""
         value = compute()
         self.stats.count("misses")
         self.check_evictions()
-        payload = self._serialize(value)
+        payload = self.client.encode(value)
         if payload is not None:
             self.buffer.put(key, payload, index, flush=flush)
-        return value
-
-    def _serialize(self, value: Any) -> bytes | None:
-        try:
-            return _dumps_sample(value)
-        except serialization.UnpicklableValue as exc:
-            if self.strict:
-                raise
-            if not self._warned_unpicklable:
-                self._warned_unpicklable = True
-                logger.warning("memoshare: %s: a sample cannot be pickled, so it is not cached: "
-                               "%s", self.label, exc)  # fmt: skip
-            return None
+        return value, payload is not None
 
     # -- evictions -----------------------------------------------------------------------------
     def _read_evictions(self) -> int | None:
@@ -410,7 +396,7 @@ class _SampleCache:
             first = True
         needed = ""
         if self.length and self.sizes.samples:
-            needed = f" (this dataset needs about {_human(self.sizes.mean * self.length)})"
+            needed = f" (this dataset needs about {human_bytes(self.sizes.mean * self.length)})"
         logger.log(
             logging.WARNING if first else logging.INFO,
             "memoshare: %s: the store evicts entries%s: the cache is smaller than the "
@@ -426,17 +412,17 @@ class _SampleCache:
         """Record the dataset's length once; refuse a dataset of another length."""
         record = {
             "layout": LAYOUT,
-            "name": self.dataset_name,
-            "version": repr(self.version),
+            "name": self.options.dataset_name,
+            "version": repr(self.options.version),
             "length": length,
             "created": time.time(),
         }
         try:
-            if self.backend.add(self.manifest_key, serialization.dumps(record)):
+            if self.client.entries.add(self.manifest_key, serialization.dumps(record)):
                 return
             existing = self.read_manifest()
         except BackendError as exc:
-            self.health.failed(exc, "record the manifest of")
+            self.client.failed(exc, "record the manifest of")
             return
         if existing is not None and existing.get("length") != length:
             raise ValueError(
@@ -447,12 +433,12 @@ class _SampleCache:
             )
 
     def read_manifest(self) -> dict[str, Any] | None:
-        raw = self.backend.get(self.manifest_key)
+        raw = self.client.entries.read(self.manifest_key)
         if raw is None:
             return None
         try:
             record = serialization.loads(raw)
-        except serialization.CorruptEntry:
+        except CorruptEntry:
             return None
         return record if isinstance(record, dict) else None
 
@@ -462,7 +448,7 @@ class _SampleCache:
             self.backend.close()
 
 
-def _refuse_server_options(kind: str, options: Mapping[str, Any]) -> None:
+def refuse_server_options(kind: str, options: Mapping[str, Any]) -> None:
     wrong = sorted(k for k in options if k in {"capacity_per_node", "cluster_mode", "hosts"})
     if wrong:
         raise TypeError(
@@ -472,11 +458,11 @@ def _refuse_server_options(kind: str, options: Mapping[str, Any]) -> None:
         )
 
 
-class _CacheFront:
-    """What CachedDataset and CacheLoader share: both are a front for one :class:`_SampleCache`
+class CacheFront:
+    """What CachedDataset and CacheLoader share: both are a front for one :class:`SampleCache`
     (its name, store, counts and write buffer)."""
 
-    _cache: _SampleCache
+    _cache: SampleCache
 
     @property
     def dataset_name(self) -> str:

@@ -7,14 +7,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from ..backends import Backend
+from ..client import MISSING
+from ..errors import IncompleteCacheError
 from ..keys import DEFAULT_NAMESPACE
-from .bookkeeping import _Known
-from .cache import _MISSING, SCAN_BATCH, _CacheFront, _refuse_server_options, _SampleCache
-from .preload import Preload, _order
-
-
-class IncompleteCacheError(LookupError):
-    """A cache opened without its dataset lacks samples (never stored, or evicted since)."""
+from .cache import SCAN_BATCH, CacheFront, CacheOptions, SampleCache
+from .preload import Preload, indices_in_order
 
 
 # -- CachedDataset ---------------------------------------------------------------------------------
@@ -45,7 +42,7 @@ def _check_map_style(dataset: Any) -> int:
     return operator.index(length)
 
 
-class CachedDataset(_CacheFront):
+class CachedDataset(CacheFront):
     """A map-style dataset whose samples are computed once and then served from a store.
 
     Wraps any dataset with ``__len__`` and ``__getitem__`` (a PyTorch ``Dataset``, a list, ...).
@@ -65,20 +62,10 @@ class CachedDataset(_CacheFront):
             has a str one.
         writer_buffer_size: new samples are written in batches of this many, in one round trip.
         preload: start :meth:`preload` with its defaults at once.
-        version: a fingerprint of the dataset and its preprocessing (any plain value); change
-            it when they change, so that stale samples are never served.
-        namespace: prefix of every key (as for :func:`memoshare.memoize`).
-        stampede: on a miss, let one process compute while the others wait for its sample.
-        lease_timeout: seconds after which a computing process's claim expires (a crashed
-            worker blocks the others no longer than that); above the time one sample takes
-            plus ``flush_interval``.
-        wait_timeout: longest a process waits for another one's sample (default
-            ``lease_timeout``).
-        flush_interval: seconds after which buffered samples are written even if the buffer
-            is not full (``None``: only when full, on flush, close and exit).
-        strict: raise store errors instead of warning and going on uncached.
-        log_every: log a line with the samples and bytes cached every this many writes.
-        **backend_options: arguments of the backend named by ``backend``.
+        **options: the options of :class:`~memoshare.datasets.CacheOptions` (``version``,
+            ``namespace``, ``stampede``, ``lease_timeout``, ``wait_timeout``,
+            ``flush_interval``, ``strict``, ``log_every``), checked here; any other keyword
+            is an argument of the backend named by ``backend``.
 
     Use :meth:`flush` or ``with CachedDataset(...) as ds:`` to write buffered samples at a
     point of your choosing; they are also written at exit, including a DataLoader worker's.
@@ -91,18 +78,8 @@ class CachedDataset(_CacheFront):
         dataset_name: str | None = None,
         writer_buffer_size: int = 1,
         preload: bool = False,
-        *,
-        version: Any = None,
-        namespace: str = DEFAULT_NAMESPACE,
-        stampede: bool = True,
-        lease_timeout: float = 30.0,
-        wait_timeout: float | None = None,
-        flush_interval: float | None = 1.0,
-        strict: bool = False,
-        log_every: int | None = 1000,
-        **backend_options: Any,
+        **options: Any,
     ) -> None:
-        _refuse_server_options("CachedDataset", backend_options)
         length = _check_map_style(dataset)
         if dataset_name is None:
             dataset_name = getattr(dataset, "name", None)
@@ -111,28 +88,22 @@ class CachedDataset(_CacheFront):
                     "CachedDataset needs dataset_name=...: samples are stored under it, and "
                     "every job using the same name (and version) shares them"
                 )
-        cache = _SampleCache(
-            backend=backend,
-            backend_options=backend_options,
-            dataset_name=dataset_name,
-            version=version,
-            namespace=namespace,
-            writer_buffer_size=writer_buffer_size,
-            stampede=stampede,
-            lease_timeout=lease_timeout,
-            wait_timeout=wait_timeout,
-            flush_interval=flush_interval,
-            strict=strict,
-            log_every=log_every,
+        cache_options, backend_options = CacheOptions.split("CachedDataset", options)
+        cache = SampleCache(
+            backend,
+            CacheOptions(
+                dataset_name=dataset_name, writer_buffer_size=writer_buffer_size, **cache_options
+            ),
             length=length,
             label=f"dataset {dataset_name!r}",
+            backend_options=backend_options,
         )
         cache.write_manifest(length)
         self._setup(dataset, cache)
         if preload:
             self.preload()
 
-    def _setup(self, dataset: Any, cache: _SampleCache) -> None:
+    def _setup(self, dataset: Any, cache: SampleCache) -> None:
         self.dataset = dataset
         self._cache = cache
         self._length = cache.length or 0
@@ -163,21 +134,20 @@ class CachedDataset(_CacheFront):
         Raises:
             IncompleteCacheError: there is no such cache, or it lacks samples.
         """
-        cache = _SampleCache(
-            backend=backend,
-            backend_options=backend_options,
-            dataset_name=dataset_name,
-            version=version,
-            namespace=namespace,
-            writer_buffer_size=1,
-            stampede=False,
-            lease_timeout=1.0,
-            wait_timeout=None,
-            flush_interval=None,
-            strict=strict,
-            log_every=None,
+        cache = SampleCache(
+            backend,
+            CacheOptions(
+                dataset_name=dataset_name,
+                version=version,
+                namespace=namespace,
+                stampede=False,
+                flush_interval=None,
+                strict=strict,
+                log_every=None,
+            ),
             length=None,
             label=f"dataset {dataset_name!r}",
+            backend_options=backend_options,
         )
         manifest = cache.read_manifest()
         if manifest is None:
@@ -186,8 +156,7 @@ class CachedDataset(_CacheFront):
                 f"{namespace!r}) in {cache.backend!r}: fill it first with CachedDataset(dataset, "
                 "dataset_name=...) and preload()"
             )
-        cache.length = int(manifest["length"])
-        cache.known = cache.buffer.known = _Known(cache.length)
+        cache.set_length(int(manifest["length"]))
         self = cls.__new__(cls)
         self._setup(None, cache)
         if verify:
@@ -229,7 +198,7 @@ class CachedDataset(_CacheFront):
         i = self._index(index)
         key = f"{self._prefix}{i}"
         value = self._cache.lookup(key, i)
-        if value is _MISSING:
+        if value is MISSING:
             value = self._cache.obtain(key, i, self._loader(i))
         return value
 
@@ -309,8 +278,17 @@ class CachedDataset(_CacheFront):
             raise ValueError(f"max_bytes must be >= 1, got {max_bytes!r}")
         if self._preload is not None and not self._preload.done:
             raise RuntimeError("a preload of this dataset is running: wait() or cancel() it")
-        indices = [self._index(i) for i in _order(order, self._length)]
-        self._preload = Preload(self, indices, workers, max_bytes, progress)
+        indices = [self._index(i) for i in indices_in_order(order, self._length)]
+        prefix, dataset = self._prefix, self.dataset
+        self._preload = Preload(
+            self._cache,
+            indices,
+            key_of=lambda i: f"{prefix}{i}",
+            load=lambda i: dataset[i],
+            workers=workers,
+            max_bytes=max_bytes,
+            progress=progress,
+        )
         return self._preload
 
     # -- inspection ----------------------------------------------------------------------------
@@ -350,9 +328,8 @@ class CachedDataset(_CacheFront):
         process's buffer; return how many keys were removed."""
         cache = self._cache
         cache.buffer.discard()
-        if cache.known is not None:  # forget what was seen, or misses would look like evictions
-            cache.known = _Known(cache.length)
-        if type(cache.backend).keys is Backend.keys:  # memcached: chunks are left to its LRU
+        cache.forget_seen()  # or the misses to come would look like evictions
+        if not cache.backend.can_list_keys:  # memcached: chunks are left to its LRU
             listed = [f"{self._prefix}{i}" for i in range(self._length)]
         else:  # every key of the dataset, chunks and leases included
             listed = cache.backend.keys(cache.prefix)

@@ -6,13 +6,12 @@ from collections.abc import Callable
 from typing import Any
 
 from ..backends import Backend
-from ..keys import DEFAULT_NAMESPACE
+from ..client import MISSING
 from .buffer import RETRY_PAUSES
-from .cache import _MISSING, _CacheFront, _refuse_server_options, _SampleCache
+from .cache import CacheFront, CacheOptions, SampleCache
 
 
-# -- CacheLoader -----------------------------------------------------------------------------------
-class CacheLoader(_CacheFront):
+class CacheLoader(CacheFront):
     """A cache of values by key: ``get(key, load_fn)`` returns the cached value of ``key`` or
     computes ``load_fn(key)`` once and caches it.
 
@@ -24,15 +23,10 @@ class CacheLoader(_CacheFront):
         dataset_name: loaders of the same name share (and reuse) entries; different names
             never meet.
         writer_buffer_size: new values are written in batches of this many.
-        version: a fingerprint of what ``load_fn`` computes; a new one starts a fresh cache.
-        namespace: prefix of every key.
-        stampede: on a miss, let one process compute while the others wait for its value.
-        lease_timeout: seconds after which a computing process's claim expires.
-        wait_timeout: longest a process waits for another one's value.
-        flush_interval: seconds after which buffered values are written anyway.
-        strict: raise store errors instead of warning and going on uncached.
-        log_every: log a line every this many values written.
-        **backend_options: arguments of the backend named by ``backend``.
+        **options: the options of :class:`~memoshare.datasets.CacheOptions` (``version``,
+            ``namespace``, ``stampede``, ``lease_timeout``, ``wait_timeout``,
+            ``flush_interval``, ``strict``, ``log_every``); any other keyword is an argument
+            of the backend named by ``backend``.
 
     Keys may be any plain value (int, str, tuple, ...) and are typed: ``1`` and ``"1"`` are
     different entries.
@@ -43,33 +37,17 @@ class CacheLoader(_CacheFront):
         backend: Backend | str | None = None,
         dataset_name: str = "",
         writer_buffer_size: int = 1,
-        *,
-        version: Any = None,
-        namespace: str = DEFAULT_NAMESPACE,
-        stampede: bool = True,
-        lease_timeout: float = 30.0,
-        wait_timeout: float | None = None,
-        flush_interval: float | None = 1.0,
-        strict: bool = False,
-        log_every: int | None = 1000,
-        **backend_options: Any,
+        **options: Any,
     ) -> None:
-        _refuse_server_options("CacheLoader", backend_options)
-        self._cache = _SampleCache(
-            backend=backend,
-            backend_options=backend_options,
-            dataset_name=dataset_name,
-            version=version,
-            namespace=namespace,
-            writer_buffer_size=writer_buffer_size,
-            stampede=stampede,
-            lease_timeout=lease_timeout,
-            wait_timeout=wait_timeout,
-            flush_interval=flush_interval,
-            strict=strict,
-            log_every=log_every,
+        cache_options, backend_options = CacheOptions.split("CacheLoader", options)
+        self._cache = SampleCache(
+            backend,
+            CacheOptions(
+                dataset_name=dataset_name, writer_buffer_size=writer_buffer_size, **cache_options
+            ),
             length=None,
             label=f"cache loader {dataset_name!r}",
+            backend_options=backend_options,
         )
 
     def get(self, key: Any, load_fn: Callable[[Any], Any]) -> Any:
@@ -77,7 +55,7 @@ class CacheLoader(_CacheFront):
         cache = self._cache
         skey = cache.loader_key(key)
         value = cache.lookup(skey, None)
-        if value is _MISSING:
+        if value is MISSING:
             value = cache.obtain(skey, None, lambda: load_fn(key))
         return value
 

@@ -6,17 +6,14 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..backends import BackendError
 from .buffer import RETRY_PAUSES
-from .cache import SCAN_BATCH, _SampleCache
-
-if TYPE_CHECKING:
-    from .dataset import CachedDataset
+from .cache import SCAN_BATCH, SampleCache
 
 logger = logging.getLogger("memoshare")
 
@@ -47,7 +44,8 @@ def _rng_untouched(sampler: Any) -> Iterator[None]:
             generator.set_state(saved)
 
 
-def _order(order: Iterable[int] | None, length: int) -> Iterable[Any]:
+def indices_in_order(order: Iterable[int] | None, length: int) -> Iterable[Any]:
+    """The indices a preload of ``order`` (a sequence, batches, or a sampler) visits."""
     if order is None:
         return range(length)
     if isinstance(order, range):
@@ -100,24 +98,32 @@ def _progress_bar(enabled: bool, total: int, desc: str) -> Any:
 class Preload:
     """A background fill of a :class:`CachedDataset`, made by :meth:`CachedDataset.preload`.
 
+    It computes the samples at ``order`` that are not stored yet (``load(i)``, stored under
+    ``key_of(i)``) in ``workers`` threads, holding at most about ``max_bytes`` in memory.
+    Indices a cancelled or stopped preload did not reach are in neither count below.
+
     Attributes:
         total: indices to preload.
         already_cached: of those, found stored when the preload reached them.
         computed: samples this preload computed.
-        (Indices a cancelled or stopped preload did not reach are in neither count.)
         error: the exception that stopped it, if any (re-raised by :meth:`wait`).
     """
 
     def __init__(
         self,
-        dataset: CachedDataset,
+        cache: SampleCache,
         order: list[int],
+        *,
+        key_of: Callable[[int], str],
+        load: Callable[[int], Any],
         workers: int,
         max_bytes: int,
         progress: bool,
     ) -> None:
-        self._dataset = dataset
+        self._cache = cache
         self._order = order
+        self._key_of = key_of
+        self._load = load
         self.workers = workers
         self.max_bytes = max_bytes
         self.total = len(order)
@@ -130,7 +136,7 @@ class Preload:
         self._progress = progress
         self._pid = os.getpid()  # a forked child inherits this object but not its threads
         self._thread = threading.Thread(
-            target=self._run, name=f"memoshare-preload-{dataset.dataset_name}", daemon=True
+            target=self._run, name=f"memoshare-preload-{cache.dataset_name}", daemon=True
         )
         self._thread.start()
 
@@ -177,14 +183,14 @@ class Preload:
         else:
             state = "done"
         return (
-            f"<Preload of {self._dataset.dataset_name!r}: {state}, {self.computed} computed, "
+            f"<Preload of {self._cache.dataset_name!r}: {state}, {self.computed} computed, "
             f"{self.already_cached} already cached of {self.total}>"
         )
 
     # -- the coordinating thread ---------------------------------------------------------------
     def _run(self) -> None:
-        cache = self._dataset._cache
-        bar = _progress_bar(self._progress, self.total, f"preload {self._dataset.dataset_name}")
+        cache = self._cache
+        bar = _progress_bar(self._progress, self.total, f"preload {self._cache.dataset_name}")
         running: set[Future[bool | None]] = set()
         try:
             with ThreadPoolExecutor(self.workers, thread_name_prefix="memoshare-preload") as pool:
@@ -205,34 +211,33 @@ class Preload:
             cache.buffer.flush(attempts=len(RETRY_PAUSES) + 1)
         except BaseException as exc:  # reported through wait(); the thread must not die silently
             self.error = exc
-            logger.warning("memoshare: preload of %r stopped: %r", self._dataset.dataset_name,
+            logger.warning("memoshare: preload of %r stopped: %r", self._cache.dataset_name,
                            exc)  # fmt: skip
         finally:
             self._stop.set()  # stops queued tasks if we left early
             bar.close()
             self._done.set()
 
-    def _stopping(self, cache: _SampleCache) -> bool:
+    def _stopping(self, cache: SampleCache) -> bool:
         if self._stop.is_set():
             return True
-        if cache.health.failing:
+        if cache.client.health.failing:
             logger.warning("memoshare: preload of %r stopped: the store is unavailable",
-                           self._dataset.dataset_name)  # fmt: skip
+                           self._cache.dataset_name)  # fmt: skip
             self._stop.set()
             return True
         return False
 
-    def _not_stored(self, cache: _SampleCache, chunk: list[int]) -> list[int]:
-        prefix = self._dataset._prefix
-        keys = {f"{prefix}{i}": i for i in dict.fromkeys(chunk)}
+    def _not_stored(self, cache: SampleCache, chunk: list[int]) -> list[int]:
+        keys = {self._key_of(i): i for i in dict.fromkeys(chunk)}
         try:
             stored = cache.stored_among(list(keys))
         except BackendError as exc:
-            cache.health.failed(exc, "read")
+            cache.client.failed(exc, "read")
             return []
         return [i for k, i in keys.items() if k not in stored and cache.buffer.get(k) is None]
 
-    def _make_room(self, cache: _SampleCache, running: set[Future[bool | None]], bar: Any) -> None:
+    def _make_room(self, cache: SampleCache, running: set[Future[bool | None]], bar: Any) -> None:
         """Wait until another task may start: fewer than ``workers`` run, and the bytes held
         plus one more sample fit in ``max_bytes`` (one task always may run)."""
         while running:
@@ -266,13 +271,11 @@ class Preload:
         """Whether it computed the sample (``False``: found stored; ``None``: not started)."""
         if self._stop.is_set():
             return None
-        dataset = self._dataset
-        return dataset._cache.ensure_stored(
-            f"{dataset._prefix}{index}", index, lambda: dataset.dataset[index]
-        )
+        load = self._load
+        return self._cache.ensure_stored(self._key_of(index), index, lambda: load(index))
 
 
-def _mean_sample(cache: _SampleCache) -> float:
+def _mean_sample(cache: SampleCache) -> float:
     """Mean bytes of a sample: of those written, else of those waiting, else 0."""
     if cache.sizes.samples:
         return cache.sizes.mean

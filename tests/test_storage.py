@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from memoshare import MemcachedBackend, MemoryBackend, memoize
+from memoshare.serialization import loads
 from memoshare.storage import EntryStore
 
 
@@ -174,3 +175,40 @@ def test_twenty_megabyte_array_through_memcached(memcached_backend):
     manifest = memcached_backend.get(big.cache_key(7))
     assert len(manifest) < 100  # the entry itself is a manifest; the data is in chunks
     assert len(chunk_keys(memcached_backend, big.cache_key(7))) >= 20
+
+
+# -- entries written by earlier versions --------------------------------------------------------
+def test_entries_written_before_the_client_layer_are_read(tmp_path) -> None:
+    """tests/data/format_v1.json holds the items that memoshare wrote before the client layer
+    (commit 4fdaa3c): a plain entry, a chunked one, running moments, dataset samples and the
+    dataset's manifest. Today's code must read every one of them as a hit."""
+    import json
+    from pathlib import Path
+
+    from memoshare import CachedDataset, Moments
+
+    fixture = json.loads((Path(__file__).parent / "data" / "format_v1.json").read_text())
+    store = SmallItems()
+    for key, value in fixture["items"].items():
+        store.set(key, bytes.fromhex(value))
+
+    # The code changed, the pinned signature did not: the old entries must be served.
+    f = memoize(store, signature=b"format-v1", shared_stats=False)(lambda x: "recomputed")
+    small, large = f(3), f(2000)
+    assert small["x"] == 3 and np.array_equal(small["a"], np.arange(3))
+    assert large["x"] == 2000 and np.array_equal(large["a"], np.arange(2000))
+    assert EntryStore(store).chunk_keys(f.cache_key(2000))  # the large one was chunked
+    assert (f.stats.hits, f.stats.misses) == (2, 0)
+
+    g = memoize(
+        store, signature=b"format-v1-moments", allow_repeated_evaluations=True, min_repetitions=2
+    )(lambda x: 99.0)
+    assert g(1.5) == 1.5 and g.stats.hits == 1  # count 2, no spread: converged
+
+    ds = CachedDataset.from_cache("format-v1", backend=store, version=1)
+    assert len(ds) == 5
+    for i in range(5):
+        assert np.array_equal(ds[i], np.full(3, i, dtype=np.float32))
+    assert ds.stats.hits == 5
+    record = EntryStore(store).read(g.cache_key(1.5))
+    assert record is not None and isinstance(loads(record), Moments)

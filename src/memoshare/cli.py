@@ -81,14 +81,13 @@ def _cmd_clear(args: argparse.Namespace) -> int:
         store.clear()
         print("cleared the whole store")
         return 0
-    try:
-        keys = store.keys(args.namespace + ":")
-    except NotImplementedError:
+    if not store.can_list_keys:
         print(
-            "memoshare: memcached cannot list keys; clear a whole server with --yes instead",
+            f"memoshare: {store!r} cannot list its keys; clear a whole server with --yes instead",
             file=sys.stderr,
         )
         return 2
+    keys = store.keys(args.namespace + ":")
     print(f"removed {store.delete_many(keys)} entries of namespace {args.namespace!r}")
     return 0
 

@@ -442,7 +442,6 @@ def memoize(backend: Any = None, **options: Any) -> Any:
     return decorate
 
 
-
 def __getattr__(name: str) -> Any:
     # ``memoshare.memoize.memcached`` was importable before the pyDVL spelling moved to
     # memoshare.compat; compat imports this module, so the name is resolved on demand.

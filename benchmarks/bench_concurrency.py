@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _servers import memcached_server  # noqa: E402
 
 import memoshare  # noqa: E402
-from memoshare import MemcachedBackend, Moments, memoize, serialization, storage  # noqa: E402
+from memoshare import MemcachedBackend, Moments, memoize, serialization  # noqa: E402
+from memoshare.storage import EntryStore  # noqa: E402
 
 PROCESSES = 8
 EVALUATIONS = 50
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         reports, wall = run_processes("memoshare-moments", address, tag)
         keys = {r["key"] for r in reports}
         assert len(keys) == 1, f"workers disagree on the key: {keys}"
-        payload = storage.read_entry(MemcachedBackend(address), keys.pop())
+        payload = EntryStore(MemcachedBackend(address)).read(keys.pop())
         moments = serialization.loads(payload) if payload is not None else None
         count = moments.count if isinstance(moments, Moments) else 0
         errors = sum(r["stats"]["errors"] + r["stats"]["timeouts"] for r in reports)

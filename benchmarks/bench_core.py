@@ -124,7 +124,9 @@ def bench_memcached(
     """Rows of (a); returns where the time of each hit goes (see ``breakdown_table``)."""
     from pymemcache.client.base import Client
 
-    from memoshare import serialization, storage
+    from memoshare import serialization
+    from memoshare.client import CacheClient
+    from memoshare.storage import EntryStore
 
     backend = MemcachedBackend(address)
     array = np.random.default_rng(0).random(PAYLOAD_BYTES // 8)
@@ -146,6 +148,8 @@ def bench_memcached(
     # defaults: 1 s timeouts, TCP_NODELAY), so the difference is memoshare's work.
     raw = Client(address, connect_timeout=1.0, timeout=1.0, no_delay=True)
     breakdown = []
+    entries = EntryStore(backend)
+    client = CacheClient(backend, "bench")
     cases = (
         ("small value", small_value),
         ("100 KB bytes", large_bytes),
@@ -160,12 +164,12 @@ def bench_memcached(
             {
                 "memoshare": lambda fn=fn: fn(3),
                 "raw": lambda key=key: raw.get(key),
-                # the hit path cut short at each layer, from the socket up (private names:
-                # MemoizedFunction._lookup is read_entry + loads + error handling)
+                # the hit path cut short at each layer, from the socket up
+                # (CacheClient.lookup is EntryStore.read + loads + error handling)
                 "backend.get": lambda key=key: backend.get(key),
-                "read_entry": lambda key=key: storage.read_entry(backend, key),
-                "read+loads": lambda key=key: serialization.loads(storage.read_entry(backend, key)),
-                "lookup": lambda fn=fn, key=key: fn._lookup(key),
+                "read_entry": lambda key=key: entries.read(key),
+                "read+loads": lambda key=key: serialization.loads(entries.read(key)),
+                "lookup": lambda key=key: client.lookup(key),
                 "key": lambda fn=fn: fn.cache_key(3),
             },
             batch=batch,
@@ -201,9 +205,9 @@ def breakdown_table(rows: list[dict[str, Any]]) -> str:
     stages = [
         ("pymemcache `Client.get` (the raw baseline)", lambda r: r["raw"]),
         ("+ `MemcachedBackend.get` (`_call` wrapper)", lambda r: r["backend.get"] - r["raw"]),
-        ("+ `storage.read_entry` (manifest check)", lambda r: r["read_entry"] - r["backend.get"]),
+        ("+ `EntryStore.read` (manifest check)", lambda r: r["read_entry"] - r["backend.get"]),
         ("+ `serialization.loads` (unpickle)", lambda r: r["read+loads"] - r["read_entry"]),
-        ("+ `MemoizedFunction._lookup` (error handling)", lambda r: r["lookup"] - r["read+loads"]),
+        ("+ `CacheClient.lookup` (error handling)", lambda r: r["lookup"] - r["read+loads"]),
         ("+ key, dispatch, stats (`__call__`)", lambda r: r["memoshare"] - r["lookup"]),
         ("  of which `KeyBuilder.key` alone (via `cache_key`)", lambda r: r["key"]),
         ("**whole hit**", lambda r: r["memoshare"]),

@@ -23,8 +23,11 @@ then run ``pytest``. The fixtures of ``conftest.py`` (``memory_backend``, ``disk
 ``memcached_backend``, ``redis_backend``, ...) can be requested by the fixture; see
 ``test_backends.py`` for the built-in stores.
 
-A store that cannot list its keys (memcached) declares ``can_list_keys = False``: the contract
-then checks that ``keys()`` raises ``NotImplementedError`` instead of listing them.
+A store declares its capabilities as class attributes (``scope``, ``max_item_size``,
+``can_list_keys``) and, with several servers, ``server_for(key)``; the contract checks them. A
+store that cannot list its keys (memcached) declares ``can_list_keys = False``: the contract
+then checks that ``keys()`` raises ``NotImplementedError`` instead of listing them. The last
+test runs memoize and a dataset cache on the store, end to end.
 """
 
 from __future__ import annotations
@@ -37,11 +40,6 @@ import pytest
 
 from memoshare import MemoryBackend
 from memoshare.backends import Backend
-
-
-def can_list_keys(backend: Backend) -> bool:
-    """The store's declared capability; before it was declared, whether it overrides keys()."""
-    return getattr(backend, "can_list_keys", type(backend).keys is not Backend.keys)
 
 
 class BackendContract:
@@ -130,7 +128,7 @@ class BackendContract:
             assert clone.get("p") == b"1"  # same store, own connection
 
     def test_keys_with_prefix(self, backend):
-        if not can_list_keys(backend):
+        if not backend.can_list_keys:
             with pytest.raises(NotImplementedError):
                 backend.keys("ns:")
             return
@@ -149,3 +147,39 @@ class BackendContract:
         backend.set("gone", b"1", expire=1)
         assert backend.exists_many(["a", "b", "c"]) == {"a", "b"}
         assert backend.exists_many([]) == set()
+
+    def test_declared_capabilities(self, backend):
+        assert isinstance(backend, Backend)
+        assert backend.scope in ("process", "machine", "network")
+        assert isinstance(backend.can_list_keys, bool)
+        limit = backend.max_item_size
+        assert limit is None or (isinstance(limit, int) and limit >= 1024)
+        server = backend.server_for("some-key")
+        assert server == backend.server_for("some-key")  # stable, and hashable:
+        hash(server)
+
+    def test_the_front_ends_run_on_it(self, backend):
+        """What memoize and the dataset cache need of a store, end to end: hits, an entry
+        larger than one item (chunked), atomic running moments, batched samples."""
+        from memoshare import CacheLoader, memoize
+
+        @memoize(backend, shared_stats=False)
+        def big(n):
+            return bytes(range(256)) * n
+
+        size = (backend.max_item_size or 1 << 20) * 2 // 256 + 1  # over two items
+        assert big(size) == big(size) == bytes(range(256)) * size
+        assert (big.stats.misses, big.stats.hits, big.stats.sets) == (1, 1, 1)
+        assert big.invalidate(size) is True and big.invalidate(size) is False
+
+        @memoize(backend, allow_repeated_evaluations=True, min_repetitions=3, shared_stats=False)
+        def noisy(x):
+            return 1.0
+
+        assert [noisy(0) for _ in range(4)] == [1.0] * 4
+        assert noisy.stats.hits == 1  # three evaluations, then converged
+
+        loader = CacheLoader(backend, dataset_name="contract", writer_buffer_size=4)
+        assert [loader.get(i, lambda k: k * 10) for i in range(6)] == [0, 10, 20, 30, 40, 50]
+        loader.flush()
+        assert loader.get(5, lambda k: -1) == 50 and loader.stats.hits == 1

@@ -63,9 +63,9 @@ def test_shared_stats_add_up_over_processes(memcached_backend, memcached_server)
         capture_output=True,
         text=True,
         timeout=60,
-        check=True,
-    ).stdout
-    (printed,) = json.loads(out)
+    )
+    assert out.returncode == 0, out.stderr
+    (printed,) = json.loads(out.stdout)
     assert printed["calls"] == 400 and printed["hits"] == 390
     table = subprocess.run(
         [

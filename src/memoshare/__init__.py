@@ -22,7 +22,7 @@ from .backends import (
     default_backend,
     make_backend,
 )
-from .compat import memcached
+from .compat import MemcachedConfig, memcached
 from .counters import CacheStats, StatsSnapshot
 from .datasets import CachedDataset, CacheLoader
 from .errors import (
@@ -59,6 +59,7 @@ __all__ = [
     "IncompleteCacheError",
     "MemcachedBackend",
     "MemcachedClientConfig",
+    "MemcachedConfig",
     "MemoizeOptions",
     "MemoizedFunction",
     "MemoryBackend",

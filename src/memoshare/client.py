@@ -23,14 +23,15 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from . import serialization
 from .backends.base import Backend
 from .counters import CacheStats
 from .errors import BackendError, ContendedUpdate, CorruptEntry, UnpicklableValue
 from .health import StoreHealth
-from .storage import EntryStore
+from .serialization import dumps as default_dumps
+from .serialization import loads
+from .storage import NOT_STORED_ITEM, EntryStore
 
-__all__ = ["MISSING", "CacheClient"]
+__all__ = ["MISSING", "NOT_STORED", "CacheClient"]
 
 logger = logging.getLogger("memoshare")
 
@@ -47,6 +48,21 @@ class _Missing:
 
 #: What a lookup returns for "no usable entry": ``None`` and other falsy values are values.
 MISSING: Any = _Missing()
+
+
+class _NotStored:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<not stored>"
+
+    def __reduce__(self) -> str:
+        return "NOT_STORED"
+
+
+#: What a lookup returns where the last caller left the "not stored" mark: compute at once,
+#: nobody is computing for you (see memoshare.storage).
+NOT_STORED: Any = _NotStored()
 
 
 class CacheClient:
@@ -84,7 +100,7 @@ class CacheClient:
         name: str,
         *,
         strict: bool = False,
-        dumps: Callable[[Any], bytes] = serialization.dumps,
+        dumps: Callable[[Any], bytes] = default_dumps,
     ) -> None:
         self.backend = backend
         self.entries = EntryStore(backend)
@@ -99,8 +115,9 @@ class CacheClient:
 
     # -- reading -------------------------------------------------------------------------------
     def lookup(self, key: str) -> Any:
-        """The value stored under ``key``, or :data:`MISSING` (absent, unreadable, or the store
-        failed). Counts nothing: hits and misses are the front end's to count."""
+        """The value stored under ``key``; :data:`MISSING` (absent, unreadable, or the store
+        failed) or :data:`NOT_STORED` (the mark). Counts nothing: hits and misses are the
+        front end's to count."""
         try:
             payload = self._read(key)
         except BackendError as exc:
@@ -110,12 +127,17 @@ class CacheClient:
             self.health.ok(key)
         if payload is None:
             return MISSING
-        return self.decode(key, payload)
+        if payload == NOT_STORED_ITEM:  # bytes of another length: compared in O(1)
+            return NOT_STORED
+        try:  # decode(), inlined: this is every hit's path
+            return loads(payload)
+        except CorruptEntry as exc:
+            return self._unreadable(key, exc)
 
     def lookup_many(self, keys: list[str]) -> dict[str, Any]:
-        """The values found among ``keys`` (absent and unreadable ones are left out), in one
-        round trip (two if any is chunked). A store of several servers that partly failed
-        still gives what the others returned."""
+        """The values found among ``keys`` (absent, unreadable and marked ones are left out),
+        in one round trip (two if any is chunked). A store of several servers that partly
+        failed still gives what the others returned."""
         try:
             payloads = self.entries.read_many(keys)
         except BackendError as exc:
@@ -129,6 +151,8 @@ class CacheClient:
         # growing the heap (measured: a third of a batch's decoding time).
         while payloads:
             key, payload = payloads.popitem()
+            if payload == NOT_STORED_ITEM:
+                continue  # a mark, not a value
             value = self.decode(key, payload)
             del payload
             if value is not MISSING:
@@ -146,20 +170,19 @@ class CacheClient:
     def decode(self, key: str, payload: bytes) -> Any:
         """The value of a payload, or :data:`MISSING` if it cannot be read (warned once)."""
         try:
-            return serialization.loads(payload)
+            return loads(payload)
         except CorruptEntry as exc:
-            # Once per client at WARNING (the recomputed value replaces the entry; a miss path
-            # may read it a second time), then at DEBUG.
-            level = logging.DEBUG if self._warned_corrupt else logging.WARNING
-            self._warned_corrupt = True
-            logger.log(
-                level,
-                "memoshare: unreadable entry %s for %s (%s): recomputing",
-                key,
-                self.name,
-                exc,
-            )
-            return MISSING
+            return self._unreadable(key, exc)
+
+    def _unreadable(self, key: str, exc: CorruptEntry) -> Any:
+        # Once per client at WARNING (the recomputed value replaces the entry; a miss path may
+        # read it a second time), then at DEBUG.
+        level = logging.DEBUG if self._warned_corrupt else logging.WARNING
+        self._warned_corrupt = True
+        logger.log(
+            level, "memoshare: unreadable entry %s for %s (%s): recomputing", key, self.name, exc
+        )
+        return MISSING
 
     # -- writing -------------------------------------------------------------------------------
     def encode(self, value: Any) -> bytes | None:

@@ -1,21 +1,39 @@
-"""pyDVL's spelling: ``@memcached(client_config=..., time_threshold=0.3, ...)``."""
+"""pyDVL's spelling: ``@memcached(client_config=..., time_threshold=0.3, ...)`` and
+``MemcachedConfig``, so that pyDVL code runs on memoshare with its imports changed."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
 from .backends.memcached import MemcachedBackend, MemcachedClientConfig
 from .memoize import MemoizedFunction, MemoizeOptions
 
-__all__ = ["memcached"]
+__all__ = ["MemcachedConfig", "memcached"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
+@dataclass
+class MemcachedConfig:
+    """pyDVL 0.7's ``MemcachedConfig``: the arguments of :func:`memcached` as one object.
+
+    ``memcached(**dataclasses.asdict(config))`` works (``asdict`` turns ``client_config``
+    into a dict, which :func:`memcached` takes too), as pyDVL's ``Utility`` does.
+    """
+
+    client_config: MemcachedClientConfig = field(default_factory=MemcachedClientConfig)
+    time_threshold: float = 0.3
+    allow_repeated_evaluations: bool = False
+    rtol_stderr: float = 0.1
+    min_repetitions: int = 3
+    ignore_args: Iterable[str] | None = None
+
+
 def memcached(
-    client_config: MemcachedClientConfig | None = None,
+    client_config: MemcachedClientConfig | Mapping[str, Any] | None = None,
     time_threshold: float = 0.3,
     allow_repeated_evaluations: bool = False,
     rtol_stderr: float = 0.1,
@@ -26,13 +44,21 @@ def memcached(
     """pyDVL's ``@memcached`` decorator, on memoshare.
 
     Same arguments and defaults as ``pydvl.utils.caching.memcached``: the store is memcached
-    as configured by ``client_config`` (default ``localhost:11211``) and results of calls
+    as configured by ``client_config`` (default ``localhost:11211``), and results of calls
     faster than ``time_threshold=0.3`` seconds are not stored. Further keyword arguments are
-    those of :func:`~memoshare.memoize` (:class:`~memoshare.MemoizeOptions`). The returned
-    decorator also takes pyDVL's ``signature=``::
+    those of :func:`~memoshare.memoize` (see :class:`~memoshare.MemoizeOptions`), plus
+    ``backend_options=`` for :class:`~memoshare.MemcachedBackend` (``max_item_size``,
+    ``retry_interval``, ...). The returned decorator also takes pyDVL's ``signature=``::
 
         cached = memcached(client_config=config)(fun, signature=b"my-utility-v2")
+
+    Like pyDVL, the decorator connects to the server when it decorates and raises the
+    connection error (``ConnectionRefusedError`` or another ``OSError``) if the server cannot
+    be reached. Outages later on are survived: calls go on uncached, counted in ``errors`` or
+    ``timeouts``, and use the cache again once the server answers. (:func:`~memoshare.memoize`
+    connects at the first call instead, and never raises for an outage.)
     """
+    backend_options = options.pop("backend_options", {})
     settings = dict(
         time_threshold=time_threshold,
         allow_repeated_evaluations=allow_repeated_evaluations,
@@ -42,9 +68,11 @@ def memcached(
         **options,
     )
     MemoizeOptions.from_keywords(settings)  # wrong options fail at decoration
-    backend = MemcachedBackend.from_config(client_config or MemcachedClientConfig())
+    config = MemcachedClientConfig() if client_config is None else client_config
+    backend = MemcachedBackend.from_config(config, **backend_options)
 
     def decorate(fun: Callable[P, R], signature: bytes | None = None) -> MemoizedFunction[P, R]:
+        backend.check()  # fail fast, as pyDVL does when it wraps a function
         return MemoizedFunction(fun, backend=backend, signature=signature, **settings)
 
     return decorate

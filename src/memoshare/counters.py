@@ -22,8 +22,38 @@ def _value(counter: itertools.count[int]) -> int:
     return int(repr(counter)[6:-1])
 
 
+class _Counter:
+    """A field of :class:`CacheStats`: reads as an ``int``, counted by an ``itertools.count``.
+
+    ``next`` on an ``itertools.count`` is one atomic C call in CPython, so counting from many
+    threads loses nothing and takes no lock. Assigning (``stats.hits += 1``, as pyDVL code
+    does) replaces the counter with one starting at the new value.
+    """
+
+    __slots__ = ("name", "slot")
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+        self.slot = f"_{name}"
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return 0  # the dataclass default
+        return _value(getattr(obj, self.slot))
+
+    def __set__(self, obj: Any, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"CacheStats.{self.name} is an int, got {value!r}")
+        object.__setattr__(obj, self.slot, itertools.count(value))
+
+
+@dataclass(eq=False)
 class CacheStats:
     """What one memoized function did, counted in this process.
+
+    A dataclass with pyDVL's six ``int`` fields: ``dataclasses.asdict(stats)`` works, fields
+    can be read and assigned (``stats.hits += 1``), ``==`` compares the counts (with another
+    ``CacheStats`` or a :class:`StatsSnapshot`).
 
     Attributes:
         sets: entries written to the store.
@@ -34,20 +64,21 @@ class CacheStats:
         errors: store operations that failed otherwise (refused connection, full disk, ...).
         reconnects: times the store answered again after failing.
 
-    ``hits + misses`` is the number of calls. Counting is thread-safe and lock-free (each
-    counter is an ``itertools.count``, whose ``next`` is atomic in CPython), so it costs the
-    hit path nothing measurable. :meth:`reset` zeroes the counters; an increment racing with
-    it may be lost. Compare snapshots with ``==``; :meth:`snapshot` freezes the figures.
+    ``hits + misses`` is the number of calls. Counting is thread-safe and lock-free, so it
+    costs the hit path nothing measurable. :meth:`reset` zeroes the counters; an increment
+    racing with it (or with an assignment) may be lost. :meth:`snapshot` freezes the figures.
     """
+
+    sets: int = _Counter()  # type: ignore[assignment]
+    misses: int = _Counter()  # type: ignore[assignment]
+    hits: int = _Counter()  # type: ignore[assignment]
+    timeouts: int = _Counter()  # type: ignore[assignment]
+    errors: int = _Counter()  # type: ignore[assignment]
+    reconnects: int = _Counter()  # type: ignore[assignment]
 
     __slots__ = (*(f"_{name}" for name in FIELDS), "_retired")
 
-    def __init__(self, **values: int) -> None:
-        unknown = set(values) - set(FIELDS)
-        if unknown:
-            raise TypeError(f"unknown CacheStats fields: {sorted(unknown)}")
-        for name in FIELDS:
-            object.__setattr__(self, f"_{name}", itertools.count(int(values.get(name, 0))))
+    def __post_init__(self) -> None:
         # What reset() took away, so that totals since creation stay monotonic (shared stats
         # add the increase of those totals to the store).
         self._retired = dict.fromkeys(FIELDS, 0)
@@ -102,23 +133,11 @@ class CacheStats:
 
     __hash__ = None  # type: ignore[assignment]
 
-    def __repr__(self) -> str:
-        body = ", ".join(f"{k}={v}" for k, v in self.asdict().items())
-        return f"CacheStats({body})"
-
     def __getstate__(self) -> dict[str, int]:
         return self.asdict()
 
     def __setstate__(self, state: dict[str, int]) -> None:
         self.__init__(**state)  # type: ignore[misc]
-
-
-for _name in FIELDS:
-    setattr(
-        CacheStats,
-        _name,
-        property(lambda self, _n=_name: _value(getattr(self, f"_{_n}")), doc="see CacheStats"),
-    )
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ class StoreHealth:
         name: str,
         stats: CacheStats,
         strict: bool,
-        locate: Callable[[str], Hashable] | None = None,
+        locate: Callable[[str], Hashable],
     ) -> None:
         self.name = name
         self.stats = stats
@@ -47,7 +47,7 @@ class StoreHealth:
         # outage seen only by writes (a read-only directory, large writes timing out) is not
         # over when a read succeeds: only a successful write ends it.
         self._down: dict[Hashable, bool] = {}
-        self._locate = locate  # key -> its server, for stores with several
+        self._locate = locate  # key -> its server (Backend.server_for; None: one store)
         self.warned_refused = False
 
     def failed(self, exc: BackendError, what: str) -> None:
@@ -66,7 +66,7 @@ class StoreHealth:
                     exc,
                 )
             return
-        server = exc.server if self._locate is not None else None
+        server = exc.server
         is_write = what not in _READS
         if server in self._down:
             self._down[server] = self._down[server] and is_write
@@ -99,10 +99,7 @@ class StoreHealth:
 
     def _recovered(self, keys: Iterable[str], reads: bool) -> None:
         servers: set[Hashable] = {None}  # the store as a whole answered
-        if self._locate is not None:
-            servers.update(self._locate(key) for key in keys)
-        else:
-            servers.update(self._down)  # one server: it answered
+        servers.update(self._locate(key) for key in keys)
         ended = False
         for server in servers:
             writes_only = self._down.get(server)

@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import inspect
 import re
+import threading
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from . import _process
 from .digest import (
     DIGEST_SIZE,
     NAN_BYTES,
@@ -38,12 +40,27 @@ __all__ = [
 ]
 
 DEFAULT_NAMESPACE = "memoshare"
+
+# Taking a digest again is rare (once per function) and may recurse into another memoized
+# function's: one reentrant lock for all, made anew in a forked child (a parent's thread may
+# have held it at the fork).
+_digest_lock = threading.RLock()
+
+
+def _new_digest_lock() -> None:
+    global _digest_lock
+    _digest_lock = threading.RLock()
+
+
+_process.after_fork_child(_new_digest_lock, _process.Order.LOCKS)
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.\-/@+=]{1,100}")
 
 
 def check_namespace(namespace: str) -> str:
     """Return ``namespace`` if it can prefix a key in every backend, else raise ``ValueError``."""
-    if not isinstance(namespace, str) or not _NAMESPACE_RE.fullmatch(namespace):
+    if not isinstance(namespace, str):
+        raise TypeError(f"namespace must be a str, got {type(namespace).__qualname__}")
+    if not _NAMESPACE_RE.fullmatch(namespace):
         raise ValueError(
             f"invalid namespace {namespace!r}: use 1 to 100 characters among letters, digits "
             "and _ . - / @ + = (no whitespace, control characters or colons: the colon "
@@ -115,7 +132,6 @@ class KeyBuilder:
         fn_digest: the function part: final bytes, or a callable returning ``(digest,
             pending)`` (see :func:`function_part`), called now and, if pending, once more
             at the first key.
-        on_digest: called with the function part when it is taken again.
     """
 
     def __init__(
@@ -124,7 +140,6 @@ class KeyBuilder:
         namespace: str,
         ignore_args: Iterable[str],
         fn_digest: bytes | FunctionPart,
-        on_digest: Callable[[bytes], None] | None = None,
     ) -> None:
         self.namespace = check_namespace(namespace)
         try:
@@ -151,7 +166,6 @@ class KeyBuilder:
         self._ignored_extra = unbindable if self._var_keyword is not None else frozenset()
         self._prefix = namespace + ":"
         self._pending_part: FunctionPart | None = None
-        self._on_digest = on_digest
         if isinstance(fn_digest, bytes):
             self._set_digest(fn_digest)
         else:
@@ -196,11 +210,14 @@ class KeyBuilder:
         # At decoration the function named a global not bound yet (a helper defined below
         # it) or is a method whose class did not exist yet: both are there by the first call.
         # Taken once; whatever is still missing then is left out, as for any unbound name.
-        part, self._pending_part = self._pending_part, None
-        assert part is not None
-        self._set_digest(part()[0])
-        if self._on_digest is not None:
-            self._on_digest(self._fn_digest)
+        # Threads making their first calls at once wait here: none may key a call with the
+        # provisional digest (it leaves the helper's code out).
+        with _digest_lock:
+            part = self._pending_part
+            if part is None:
+                return  # another thread took it
+            self._set_digest(part()[0])
+            self._pending_part = None  # only now: the digest above is final
 
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """The call's arguments by parameter name, defaults applied."""

@@ -20,13 +20,13 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 import cloudpickle
 
 from .backends import Backend, make_backend
-from .client import MISSING, CacheClient
+from .client import MISSING, NOT_STORED, CacheClient
 from .keys import DEFAULT_NAMESPACE, KeyBuilder, check_namespace, function_part
 from .moments import Moments
 from .options import check_bool, check_int, check_real, check_seconds
-from .shared_stats import StatsHandle
 from .shared_stats import track as track_shared_stats
 from .stampede import StoreLease, compute_once
+from .storage import MAX_UPDATE_ATTEMPTS
 
 __all__ = ["BoundMemoizedFunction", "MemoizeOptions", "MemoizedFunction", "memoize"]
 
@@ -34,6 +34,10 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _OWNER = "memoize()"
+
+#: Deprecated alias of :data:`memoshare.storage.MAX_UPDATE_ATTEMPTS` (running moments are
+#: updated by ``EntryStore.update``).
+MAX_CAS_ATTEMPTS = MAX_UPDATE_ATTEMPTS
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,9 @@ class MemoizeOptions:
             "min_repetitions", check_int(_OWNER, "min_repetitions", self.min_repetitions, minimum=1)
         )
         fix("ignore_args", _names(self.ignore_args))
-        if self.signature is not None and not isinstance(self.signature, bytes | str):
+        if isinstance(self.signature, bytearray | memoryview):
+            fix("signature", bytes(self.signature))  # keyed like the same bytes
+        elif self.signature is not None and not isinstance(self.signature, bytes | str):
             raise TypeError(f"{_OWNER}: signature must be bytes or str, got {self.signature!r}")
         if self.signature is not None and self.version is not None:
             raise ValueError("pass signature= or version=, not both: each pins the function part")
@@ -136,6 +142,9 @@ class MemoizeOptions:
                 f"{_OWNER} got unknown option(s) {unknown}; the options are {sorted(known)}"
             )
         return cls(**options)
+
+
+_OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(MemoizeOptions))
 
 
 def _names(ignore_args: Any) -> tuple[str, ...]:
@@ -201,38 +210,33 @@ class MemoizedFunction(Generic[P, R]):
         self._client = CacheClient(self.backend, self.__qualname__, strict=opts.strict)
         self.stats = self._client.stats
         self._lookup = self._client.lookup  # bound once: the hit path
-        self._lease = StoreLease(self.backend, opts.lease_timeout)
-        self._shared: StatsHandle | None = None
-        self._keys = KeyBuilder(
+        self._lease = StoreLease(self._client.entries, opts.lease_timeout)
+        # Nothing below holds this object (no cycle): a function is freed as soon as its
+        # last reference goes, and its shared counts are flushed then.
+        keys = self._keys = KeyBuilder(
             target,
             opts.namespace,
             opts.ignore_args,
-            _fn_digest if _fn_digest is not None else self._function_part,
-            on_digest=self._digest_taken_again,
+            _fn_digest
+            if _fn_digest is not None
+            else functools.partial(
+                function_part,
+                fn,
+                target,
+                signature=opts.signature,
+                version=opts.version,
+                stochastic=opts.allow_repeated_evaluations,
+            ),
         )
         if opts.shared_stats:
-            self._shared = track_shared_stats(
+            track_shared_stats(
                 self,
                 self.stats,
                 self.backend,
                 opts.namespace,
                 self.__qualname__,
-                self._keys.current_digest,
+                lambda: keys.current_digest,
             )
-
-    def _function_part(self) -> tuple[bytes, bool]:
-        opts = self.options
-        return function_part(
-            self._fn,
-            self._target,
-            signature=opts.signature,
-            version=opts.version,
-            stochastic=opts.allow_repeated_evaluations,
-        )
-
-    def _digest_taken_again(self, digest: bytes) -> None:
-        if self._shared is not None:
-            self._shared.function_digest = digest
 
     @property
     def _memoshare_digest(self) -> bytes:
@@ -249,10 +253,12 @@ class MemoizedFunction(Generic[P, R]):
         if opts.allow_repeated_evaluations:
             return self._call_stochastic(key, args, kwargs)
         value = self._lookup(key)
-        if value is not MISSING:
+        if value is not MISSING and value is not NOT_STORED:
             self.stats.hit()
             return value  # type: ignore[no-any-return]
-        if opts.stampede and not self._client.health.failing:
+        # A miss is protected: one caller computes while the others wait. Where the last
+        # caller left the "not stored" mark, nobody is computing for us: compute at once.
+        if value is MISSING and opts.stampede and not self._client.health.failing:
             return self._compute_once(key, args, kwargs)
         return self._compute_and_store(key, args, kwargs)[0]  # type: ignore[no-any-return]
 
@@ -317,6 +323,13 @@ class MemoizedFunction(Generic[P, R]):
             return self
         return BoundMemoizedFunction(self, instance)
 
+    def __getattr__(self, name: str) -> Any:
+        # The options, readable as attributes too (f.time_threshold, f.lease_timeout, ...).
+        options = self.__dict__.get("options")
+        if options is not None and name in _OPTION_NAMES:
+            return getattr(options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def __repr__(self) -> str:
         return f"<memoized {self.__qualname__} on {self.backend!r}>"
 
@@ -326,11 +339,8 @@ class MemoizedFunction(Generic[P, R]):
         if module and module != "__main__" and _is_global(self, module):
             # Like a function: by reference, so the receiver uses its own module-level object.
             return _import_global, (module, self.__qualname__)
-        state = dict(
-            backend=self.backend,
-            _fn_digest=self._memoshare_digest,
-            **dataclasses.asdict(self.options),
-        )
+        options = {name: getattr(self.options, name) for name in _OPTION_NAMES}
+        state = dict(backend=self.backend, _fn_digest=self._memoshare_digest, **options)
         return _rebuild, (cloudpickle.dumps(self._fn), state)
 
 
@@ -418,8 +428,8 @@ def memoize(backend: Any = None, **options: Any) -> Any:
 
     Use as ``@memoize()`` (the embedded default: a local disk store, no server needed),
     ``@memoize(MemcachedBackend(("127.0.0.1", 11211)))``, or ``@memoize`` without parentheses.
-    Options are checked here, at decoration: a wrong one raises ``TypeError``/``ValueError``
-    at once, never at call time. A network store is connected to at the first call.
+    Options are checked at decoration: a wrong one raises ``TypeError``/``ValueError`` there,
+    never at call time. A network store is connected to at the first call.
 
     Args:
         backend: a :class:`~memoshare.backends.Backend`, a backend name (``"memory"``,
@@ -434,7 +444,6 @@ def memoize(backend: Any = None, **options: Any) -> Any:
     """
     if callable(backend) and not isinstance(backend, Backend):
         return MemoizedFunction(backend, **options)
-    MemoizeOptions.from_keywords(options)  # wrong options fail here, before the function
 
     def decorate(fn: Callable[P, R]) -> MemoizedFunction[P, R]:
         return MemoizedFunction(fn, backend=backend, **options)

@@ -64,11 +64,13 @@ class Moments:
     def converged(self, rtol_stderr: float, min_repetitions: int) -> bool:
         """Whether to stop re-evaluating.
 
-        True once ``count >= min_repetitions`` and ``stderr <= rtol_stderr * |mean|``. For
-        arrays the rule must hold for *every* element; an element whose mean stays at 0 with a
-        non-zero spread therefore keeps the function being re-evaluated.
+        pyDVL's rule: re-evaluate while ``count <= min_repetitions`` or ``stderr > rtol_stderr
+        * |mean|``. (pyDVL compares with the signed mean, so a negative mean never converges;
+        memoshare takes its absolute value.) For arrays the rule must hold for *every*
+        element; an element whose mean stays at 0 with a non-zero spread therefore keeps the
+        function being re-evaluated.
         """
-        if self.count < min_repetitions:
+        if self.count <= min_repetitions:
             return False
         return bool(np.all(self.stderr <= rtol_stderr * np.abs(self.mean)))
 

@@ -23,6 +23,7 @@ from .errors import CorruptEntry, UnpicklableValue
 
 __all__ = [
     "FLAG_CHUNKED",
+    "FLAG_NOT_STORED",
     "FORMAT_VERSION",
     "CorruptEntry",
     "UnpicklableValue",
@@ -34,6 +35,7 @@ __all__ = [
 MAGIC = b"ms"
 FORMAT_VERSION = 1
 FLAG_CHUNKED = 0x01  # the body is a chunk manifest (see memoshare.storage)
+FLAG_NOT_STORED = 0x02  # no body: the last caller did not store its value (memoshare.storage)
 _HEADER = struct.Struct("<2sBB")
 HEADER_SIZE = _HEADER.size
 _COUNT = struct.Struct("<I")

@@ -23,6 +23,7 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -73,33 +74,34 @@ class StatsHandle:
     """
 
     __slots__ = (
-        *("stats", "backend", "store", "namespace", "fn_id", "name", "baseline", "indexed"),
+        *("stats", "backend", "store", "namespace", "name", "digest", "baseline", "indexed"),
         *("alive", "failures"),
     )
 
     def __init__(
-        self, stats: CacheStats, backend: Backend, namespace: str, name: str, digest: bytes
+        self,
+        stats: CacheStats,
+        backend: Backend,
+        namespace: str,
+        name: str,
+        digest: Callable[[], bytes],
     ) -> None:
         self.stats = stats
         self.backend = backend
         self.store = repr(backend)  # names the server or directory
         self.namespace = namespace
         self.name = name
-        self.function_digest = digest
+        self.digest = digest
         self.baseline = stats.lifetime()  # an unpickled/forked copy starts from here
         self.indexed = False
         self.alive = True
         self.failures = 0  # flushes that failed in a row
 
     @property
-    def function_digest(self) -> str:
-        """The function id: the first 16 hex digits of the function part of its keys."""
-        return self.fn_id
-
-    @function_digest.setter
-    def function_digest(self, digest: bytes) -> None:
-        # The first call may take the digest again (a helper defined below the function).
-        self.fn_id = digest.hex()[:16]
+    def fn_id(self) -> str:
+        """The function id: the first 16 hex digits of the function part of its keys (read
+        at each flush: the first call may take the digest again)."""
+        return self.digest().hex()[:16]
 
     def retire(self) -> None:
         """The function is gone: flush what it counted, then forget it. Called by the garbage
@@ -230,10 +232,16 @@ _process.on_sigterm(_flusher.flush_on_sigterm, _process.Order.STATS)
 
 
 def track(
-    owner: object, stats: CacheStats, backend: Backend, namespace: str, name: str, digest: bytes
+    owner: object,
+    stats: CacheStats,
+    backend: Backend,
+    namespace: str,
+    name: str,
+    digest: Callable[[], bytes],
 ) -> StatsHandle:
     """Send the counts in ``stats`` to ``backend`` from now on, under the function id of
-    ``digest``, until ``owner`` is collected (done by ``memoize``)."""
+    ``digest()`` (the function part of the keys), until ``owner`` is collected (done by
+    ``memoize``)."""
     return _flusher.track(owner, StatsHandle(stats, backend, namespace, name, digest))
 
 
@@ -287,14 +295,15 @@ def stats(
     include this process's latest calls.
     """
     store = make_backend(backend, **backend_options)
+    entries = EntryStore(store)  # the lists are entries (a long one is chunked)
     if namespace is None:
-        raw = store.get(NAMESPACES_KEY)
+        raw = entries.read(NAMESPACES_KEY)
         namespaces = raw.decode().split("\n") if raw else []
     else:
         namespaces = [namespace]
     found = []
     for ns in namespaces:
-        raw = store.get(_index_key(ns))
+        raw = entries.read(_index_key(ns))
         if not raw:
             continue
         functions = [line.split("\t", 1) for line in raw.decode().split("\n") if "\t" in line]

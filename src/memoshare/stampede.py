@@ -4,9 +4,13 @@ A :class:`Lease` says who computes a key. :class:`StoreLease` keeps it in the st
 the caller that wins ``add(key + "~lease")`` computes and stores; the others poll the entry
 with a growing pause (5 ms up to 200 ms). The lease expires after ``timeout`` seconds, so a
 crashed worker blocks nobody for longer than that; a waiter that has waited ``wait_timeout``
-seconds computes by itself. A holder that does not store (its call was faster than
-``time_threshold``, or the value cannot be pickled) leaves a mark in the lease for a few
-seconds: the waiters then compute at once, each for itself, instead of taking turns.
+seconds computes by itself.
+
+A holder that does not store (its call was faster than ``time_threshold``, the value cannot be
+pickled, or the function raised) leaves the "not stored" mark under the entry's key (see
+:mod:`memoshare.storage`) for ``timeout`` seconds. The waiters then compute at once, each for
+itself, instead of taking turns; and a later caller reading the mark computes at once too, at
+the cost of its one lookup, without taking a lease.
 
 :func:`compute_once` is the protocol; the lease is where it keeps its state, so the dataset
 cache plugs in a lease whose release waits for its write buffer
@@ -23,18 +27,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
-from .backends.base import Backend
-from .client import MISSING
+from .client import MISSING, NOT_STORED
 from .errors import BackendError
+from .storage import EntryStore
 
-__all__ = ["LEASE_SUFFIX", "UNCACHED", "Lease", "StoreLease", "compute_once"]
+__all__ = ["LEASE_SUFFIX", "Lease", "StoreLease", "compute_once"]
 
 logger = logging.getLogger("memoshare")
 
 LEASE_SUFFIX = "~lease"
-#: What a holder that did not store leaves in the lease (for UNCACHED_MARK_SECONDS at most).
-UNCACHED = b"uncached"
-UNCACHED_MARK_SECONDS = 5.0
 
 
 class Lease(ABC):
@@ -47,13 +48,14 @@ class Lease(ABC):
 
     @abstractmethod
     def holder(self, key: str) -> bytes | None:
-        """The current holder's token, :data:`UNCACHED` (the last holder did not store), or
-        ``None`` (free). Raises :class:`~memoshare.BackendError`."""
+        """The current holder's token, or ``None`` (free). Raises
+        :class:`~memoshare.BackendError`."""
 
     @abstractmethod
     def release(self, key: str, token: bytes, stored: bool) -> None:
         """End our hold on ``key`` (only if the lease still holds our ``token``): ``stored``
-        says whether the value is now in the store. Raises :class:`~memoshare.BackendError`."""
+        says whether the value is now in the store (if not, the waiters are told to compute
+        for themselves). Raises :class:`~memoshare.BackendError`."""
 
 
 def new_token() -> bytes:
@@ -64,10 +66,11 @@ def new_token() -> bytes:
 class StoreLease(Lease):
     """A lease kept in the store, under ``key + "~lease"``, expiring after ``timeout`` s."""
 
-    __slots__ = ("backend", "timeout")
+    __slots__ = ("entries", "backend", "timeout")
 
-    def __init__(self, backend: Backend, timeout: float) -> None:
-        self.backend = backend
+    def __init__(self, entries: EntryStore, timeout: float) -> None:
+        self.entries = entries
+        self.backend = entries.backend
         self.timeout = timeout
 
     def acquire(self, key: str) -> bytes | None:
@@ -78,15 +81,13 @@ class StoreLease(Lease):
         return self.backend.get(key + LEASE_SUFFIX)
 
     def release(self, key: str, token: bytes, stored: bool) -> None:
+        if not stored:
+            self.entries.mark_not_stored(key, self.timeout)
         lease = key + LEASE_SUFFIX
         # Only our own lease: if it expired while we computed, another caller may hold it now,
         # and deleting that one would let a third caller compute.
-        if self.backend.get(lease) != token:
-            return
-        if stored:
+        if self.backend.get(lease) == token:
             self.backend.delete(lease)
-        else:
-            self.backend.set(lease, UNCACHED, min(self.timeout, UNCACHED_MARK_SECONDS))
 
     def release_many(self, tokens: dict[str, bytes]) -> None:
         """Release the leases of several stored keys (key -> our token) in two round trips."""
@@ -113,8 +114,8 @@ def compute_once(
     Args:
         lease: who computes the key.
         key: the entry's key.
-        lookup: reads the entry: its value or :data:`~memoshare.client.MISSING`; it handles
-            store errors itself.
+        lookup: reads the entry: its value, :data:`~memoshare.client.MISSING`, or
+            :data:`~memoshare.client.NOT_STORED`; it handles store errors itself.
         compute: computes the value and stores it (or decides not to): ``(value, stored)``.
         on_error: called with a store error of the lease operations (it may re-raise); the
             caller then computes without protection.
@@ -132,7 +133,7 @@ def compute_once(
             stored = False
             try:
                 value = lookup()  # stored between our miss and our lease?
-                if value is not MISSING:
+                if value is not MISSING and value is not NOT_STORED:
                     stored = True
                     return True, value
                 value, stored = compute()
@@ -146,6 +147,8 @@ def compute_once(
             time.sleep(pause * (0.5 + random.random()))
             pause = min(pause * 1.5, 0.2)
             value = lookup()
+            if value is NOT_STORED:
+                return False, compute()[0]  # nothing is coming: no point in taking turns
             if value is not MISSING:
                 return True, value
             if time.monotonic() >= deadline:
@@ -158,7 +161,5 @@ def compute_once(
             except BackendError as exc:
                 on_error(exc, "lease")
                 return False, compute()[0]
-            if holder == UNCACHED:
-                return False, compute()[0]  # nothing is coming: no point in taking turns
             if holder is None:
                 break  # the holder failed or crashed: compete for the lease again

@@ -9,6 +9,12 @@ last, so a reader either finds no manifest (a miss) or a manifest whose chunks w
 written. A chunk that was evicted since, or that does not match the digest, makes the read a
 miss, never a wrong value.
 
+A key may also hold the *not stored* mark (:data:`NOT_STORED_ITEM`, written by
+:meth:`EntryStore.mark_not_stored`): the last caller computed the value but did not store it (its
+call was faster than ``time_threshold``, the value cannot be pickled, or the function raised).
+Readers then compute for themselves at once, without waiting for anyone; the mark expires, and a
+stored value replaces it.
+
 Everything that knows this layout is here: the front ends read and write payloads only.
 """
 
@@ -19,18 +25,27 @@ import os
 import random
 import struct
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 
 from .backends.base import Backend
-from .errors import ContendedUpdate, CorruptEntry
-from .serialization import FLAG_CHUNKED, HEADER_SIZE, header
+from .errors import BackendError, ContendedUpdate, CorruptEntry
+from .serialization import FLAG_CHUNKED, FLAG_NOT_STORED, HEADER_SIZE, header
 
-__all__ = ["MAX_ENTRY_KEY_LENGTH", "MAX_UPDATE_ATTEMPTS", "EntryStore", "is_manifest"]
+__all__ = [
+    "MAX_ENTRY_KEY_LENGTH",
+    "MAX_UPDATE_ATTEMPTS",
+    "NOT_STORED_ITEM",
+    "EntryStore",
+    "is_manifest",
+]
 
 _MANIFEST = struct.Struct("<16sIQ16s")  # nonce, chunk count, total length, digest
 _MANIFEST_HEADER = header(FLAG_CHUNKED)
 #: Entry keys may be at most this long: a chunk key adds ``~<32 hex>~<index>``.
 MAX_ENTRY_KEY_LENGTH = 200
+#: What :meth:`EntryStore.read` returns for a key holding the "not stored" mark.
+NOT_STORED_ITEM = header(FLAG_NOT_STORED)
 #: Compare-and-set attempts of :meth:`EntryStore.update` before it gives up.
 MAX_UPDATE_ATTEMPTS = 100
 
@@ -100,9 +115,12 @@ class EntryStore:
 
     # -- reading -------------------------------------------------------------------------------
     def read(self, key: str) -> bytes | None:
-        """The payload stored under ``key``, or ``None``."""
+        """The payload stored under ``key``, :data:`NOT_STORED_ITEM`, or ``None``."""
         data = self._get(key)
-        if data is None or not is_manifest(data):
+        # is_manifest(), inlined: this is every hit's path.
+        if data is None or not (
+            data.startswith(_MANIFEST_HEADER) if type(data) is bytes else is_manifest(data)
+        ):
             return data
         return self._chunked(key, data)
 
@@ -113,8 +131,18 @@ class EntryStore:
         return manifest.join(self.backend.get_many(manifest.chunk_keys))
 
     def read_many(self, keys: Iterable[str]) -> dict[str, bytes]:
-        """The payloads found among ``keys``: one ``get_many``, one more if any is chunked."""
-        found = self.backend.get_many(keys)
+        """The payloads found among ``keys`` (marks included): one ``get_many``, one more if
+        any is chunked.
+
+        Raises:
+            BackendError: a store of several servers failed in part; its ``found`` holds the
+                whole payloads read from the others (chunked ones joined).
+        """
+        failure: BackendError | None = None
+        try:
+            found = self.backend.get_many(keys)
+        except BackendError as exc:
+            failure, found = exc, dict(exc.found or {})
         manifests: dict[str, _Manifest] = {}
         for key, data in list(found.items()):
             if is_manifest(data):
@@ -123,12 +151,26 @@ class EntryStore:
                 if manifest is not None:
                     manifests[key] = manifest
         if manifests:
-            chunks = self.backend.get_many(k for m in manifests.values() for k in m.chunk_keys)
+            wanted = [k for m in manifests.values() for k in m.chunk_keys]
+            try:
+                chunks = self.backend.get_many(wanted)
+            except BackendError as exc:
+                failure, chunks = failure or exc, dict(exc.found or {})
             for key, manifest in manifests.items():
                 payload = manifest.join(chunks)
                 if payload is not None:
                     found[key] = payload
+        if failure is not None:
+            failure.found = found
+            raise failure
         return found
+
+    def chunk_keys(self, key: str) -> list[str]:
+        """The keys of the chunks of the entry under ``key`` (none for a whole or absent
+        entry, or a damaged manifest)."""
+        data = self._get(key)
+        manifest = _Manifest.parse(key, data) if data is not None and is_manifest(data) else None
+        return [] if manifest is None else manifest.chunk_keys
 
     # -- writing -------------------------------------------------------------------------------
     def _items(self, key: str, payload: bytes) -> dict[str, bytes]:
@@ -172,6 +214,10 @@ class EntryStore:
         """Store ``payload`` only if ``key`` holds nothing; return whether it was stored."""
         return self.backend.add(key, self._prepared(key, payload, expire), expire)
 
+    def mark_not_stored(self, key: str, expire: float) -> None:
+        """Leave the "not stored" mark under ``key`` for ``expire`` seconds (see above)."""
+        self.backend.set(key, NOT_STORED_ITEM, expire)
+
     def update(
         self,
         key: str,
@@ -191,7 +237,7 @@ class EntryStore:
         backend = self.backend
         for attempt in range(attempts):
             data, token = backend.gets(key)
-            current = data
+            current = None if data == NOT_STORED_ITEM else data
             if data is not None and is_manifest(data):
                 # A lost chunk or a damaged manifest reads as None: it is overwritten (with
                 # the token: adding would fail, the key is taken).
@@ -206,21 +252,79 @@ class EntryStore:
             time.sleep(min(0.001 * 2**attempt, 0.05) * random.random())
         raise ContendedUpdate(f"{key!r}: lost {attempts} compare-and-set races in a row")
 
-    def chunk_keys(self, key: str) -> list[str]:
-        """The keys of the chunks of the entry under ``key`` (none for a whole or absent
-        entry, or a damaged manifest)."""
-        data = self._get(key)
-        manifest = _Manifest.parse(key, data) if data is not None and is_manifest(data) else None
-        return [] if manifest is None else manifest.chunk_keys
-
     # -- removing ------------------------------------------------------------------------------
     def delete(self, key: str) -> bool:
         """Remove the entry under ``key`` with its chunks; return whether it existed."""
-        data = self._get(key)
-        if data is None:
-            return False
-        manifest = _Manifest.parse(key, data) if is_manifest(data) else None
+        chunks = self.chunk_keys(key)
         existed = self.backend.delete(key)
-        if manifest is not None:
-            self.backend.delete_many(manifest.chunk_keys)
+        if chunks:
+            self.backend.delete_many(chunks)
         return existed
+
+
+# -- the functions of earlier versions ---------------------------------------------------------
+# Before EntryStore, this module was free functions taking the backend. They still work, as thin
+# deprecated wrappers, for code written against them.
+def _deprecated(name: str, replacement: str) -> None:
+    warnings.warn(
+        f"memoshare.storage.{name}() is deprecated: use EntryStore(backend).{replacement}",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
+def read_entry(backend: Backend, key: str) -> bytes | None:
+    """Deprecated: ``EntryStore(backend).read(key)``."""
+    _deprecated("read_entry", "read(key)")
+    return EntryStore(backend).read(key)
+
+
+def read_entries(backend: Backend, keys: Iterable[str]) -> dict[str, bytes]:
+    """Deprecated: ``EntryStore(backend).read_many(keys)``."""
+    _deprecated("read_entries", "read_many(keys)")
+    return EntryStore(backend).read_many(keys)
+
+
+def write_entry(backend: Backend, key: str, payload: bytes, expire: float | None = None) -> None:
+    """Deprecated: ``EntryStore(backend).write(key, payload, expire)``."""
+    _deprecated("write_entry", "write(key, payload)")
+    EntryStore(backend).write(key, payload, expire)
+
+
+def write_entries(backend: Backend, entries: Mapping[str, bytes]) -> None:
+    """Deprecated: ``EntryStore(backend).write_many(entries)``."""
+    _deprecated("write_entries", "write_many(entries)")
+    EntryStore(backend).write_many(entries)
+
+
+def add_entry(backend: Backend, key: str, payload: bytes) -> bool:
+    """Deprecated: ``EntryStore(backend).add(key, payload)``."""
+    _deprecated("add_entry", "add(key, payload)")
+    return EntryStore(backend).add(key, payload)
+
+
+def delete_entry(backend: Backend, key: str) -> bool:
+    """Deprecated: ``EntryStore(backend).delete(key)``."""
+    _deprecated("delete_entry", "delete(key)")
+    return EntryStore(backend).delete(key)
+
+
+def read_entry_for_update(backend: Backend, key: str) -> tuple[bytes | None, object]:
+    """Deprecated: use ``EntryStore(backend).update(key, change)``, which retries itself."""
+    _deprecated("read_entry_for_update", "update(key, change)")
+    data, token = backend.gets(key)
+    if data is not None and is_manifest(data):
+        return EntryStore(backend)._chunked(key, data), token
+    return data, token
+
+
+def replace_entry(backend: Backend, key: str, payload: bytes, token: object) -> bool:
+    """Deprecated: use ``EntryStore(backend).update(key, change)``, which retries itself."""
+    _deprecated("replace_entry", "update(key, change)")
+    return backend.cas(key, EntryStore(backend)._prepared(key, payload), token)
+
+
+def read_chunks(backend: Backend, key: str, manifest: bytes) -> bytes | None:
+    """Deprecated: ``EntryStore(backend).read(key)`` reads chunked entries whole."""
+    _deprecated("read_chunks", "read(key)")
+    return EntryStore(backend)._chunked(key, manifest)

@@ -110,6 +110,13 @@ class Backend(ABC):
     #: listing (clearing one dataset, counting entries) fall back on other means without it.
     can_list_keys: bool = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A backend written before can_list_keys was declared lists its keys if it overrides
+        # keys(): infer the capability unless the class declares it.
+        if "can_list_keys" not in vars(cls) and cls.keys is not Backend.keys:
+            cls.can_list_keys = True
+
     def __init__(self) -> None:
         with _live_backends_lock:
             _live_backends.add(self)

@@ -17,8 +17,9 @@ import socket
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pymemcache.client.base import Client
@@ -28,6 +29,7 @@ from pymemcache.exceptions import (
     MemcacheServerError,
     MemcacheUnexpectedCloseError,
 )
+from pymemcache.serde import PickleSerde
 
 from ..errors import BackendError, BackendRefused, BackendTimeout
 from .base import Backend, CasToken, RetryGate
@@ -36,6 +38,9 @@ __all__ = ["MemcachedBackend", "MemcachedClientConfig", "Server"]
 
 T = TypeVar("T")
 Server = tuple[str, int]
+
+#: memcached takes expiries up to this many seconds as relative, longer ones as Unix times.
+_RELATIVE_EXPIRY_LIMIT = 30 * 24 * 3600
 
 #: memcached's default item limit is 1 MiB including the item header and key; values are
 #: chunked well below it.
@@ -104,30 +109,31 @@ def _parse_servers(servers: Server | str | Sequence[Server | str]) -> list[Serve
     return parsed
 
 
-@dataclass
+@dataclass(frozen=True)
 class MemcachedClientConfig:
-    """Connection settings, spelled as in pyDVL's ``MemcachedClientConfig``.
+    """pyDVL's ``MemcachedClientConfig``: the same fields, defaults and frozen dataclass.
+
+    ``pymemcache.Client(**dataclasses.asdict(config))`` builds a raw client from it, as pyDVL
+    code and test fixtures do. memoshare's own settings (item size, retry interval, ...) are
+    arguments of :class:`MemcachedBackend` instead; :meth:`MemcachedBackend.from_config`
+    combines the two.
 
     Args:
-        server: ``(host, port)``, ``"host:port"`` or a list of them (several servers share the
-            keys by consistent hashing).
+        server: ``(host, port)`` of the server. memoshare also takes ``"host:port"`` or a list
+            of servers here (several servers share the keys); pymemcache's ``Client`` takes
+            only the tuple.
         connect_timeout: seconds to wait for a connection.
         timeout: seconds to wait for each socket read or write.
         no_delay: disable Nagle's algorithm (``TCP_NODELAY``): small requests go out at once.
-        max_item_size: values larger than this are split into chunks; keep it below the
-            server's ``-I`` item limit (1 MiB by default).
-        retry_interval: after a failure the server is not asked again for this many seconds,
-            so a dead cache does not add a timeout to every call. With several servers, only
-            the keys of the server that failed wait.
+        serde: pymemcache's serializer, used by a raw ``Client`` built from this config.
+            memoshare stores its own framed bytes and does not use it.
     """
 
-    server: Server | str | Sequence[Server | str] = ("localhost", 11211)
+    server: Any = ("localhost", 11211)
     connect_timeout: float = 1.0
     timeout: float = 1.0
     no_delay: bool = True
-    max_item_size: int = DEFAULT_MAX_ITEM_SIZE
-    retry_interval: float = 1.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    serde: Any = PickleSerde(pickle_version=5)
 
 
 class _Node:
@@ -153,8 +159,12 @@ class MemcachedBackend(Backend):
         servers: ``(host, port)``, ``"host:port"`` or a list of them; several servers share
             the keys by rendezvous hashing (adding a server moves only the keys that now
             belong to it). Every process must list the same servers, spelled the same way.
-        connect_timeout, timeout, no_delay, max_item_size, retry_interval: see
-            :class:`MemcachedClientConfig`.
+        connect_timeout, timeout, no_delay: see :class:`MemcachedClientConfig`.
+        max_item_size: values larger than this are split into chunks; keep it below the
+            server's ``-I`` item limit (1 MiB by default).
+        retry_interval: after a failure the server is not asked again for this many seconds,
+            so a dead cache does not add a timeout to every call. With several servers, only
+            the keys of the server that failed wait.
         **client_options: passed on to pymemcache's ``Client`` (one per server and thread).
 
     Each thread gets its own connections (pymemcache clients are not thread-safe), and every
@@ -205,17 +215,39 @@ class MemcachedBackend(Backend):
         self._single: _Node | None = self._nodes[0] if len(self._nodes) == 1 else None
 
     @classmethod
-    def from_config(cls, config: MemcachedClientConfig) -> MemcachedBackend:
-        """Build a backend from a pyDVL-style :class:`MemcachedClientConfig`."""
+    def from_config(
+        cls, config: MemcachedClientConfig | Mapping[str, Any], **options: Any
+    ) -> MemcachedBackend:
+        """Build a backend from a pyDVL-style :class:`MemcachedClientConfig` (or the dict
+        ``dataclasses.asdict`` makes of one), with memoshare's own ``options``
+        (``max_item_size=``, ``retry_interval=``, ...)."""
+        if isinstance(config, Mapping):
+            config = MemcachedClientConfig(**config)
         return cls(
             config.server,
             connect_timeout=config.connect_timeout,
             timeout=config.timeout,
             no_delay=config.no_delay,
-            max_item_size=config.max_item_size,
-            retry_interval=config.retry_interval,
-            **config.extra,
+            **options,
         )
+
+    def check(self) -> None:
+        """Connect to every server now and ask its version.
+
+        Raises:
+            OSError: a server cannot be reached, as the operating system reports it
+                (``ConnectionRefusedError``, a timeout, an unknown host). Calls never raise
+                this (an outage is counted and survived); this is for failing fast at
+                start-up, as pyDVL's ``memcached`` does.
+        """
+        for server in self.servers:
+            client = self._new_client(server)
+            try:
+                client.version()
+            except MemcacheError as exc:
+                raise ConnectionError(f"memcached at {server[0]}:{server[1]}: {exc}") from exc
+            finally:
+                client.close()
 
     # -- connections ---------------------------------------------------------------------------
     def _new_client(self, server: Server) -> Client:
@@ -344,7 +376,12 @@ class MemcachedBackend(Backend):
     # -- the interface -------------------------------------------------------------------------
     @staticmethod
     def _exptime(expire: float | None) -> int:
-        return max(1, math.ceil(expire)) if expire else 0
+        if not expire:
+            return 0
+        seconds = max(1, math.ceil(expire))
+        # memcached reads an expiry over 30 days as a Unix time (so a long lease would expire
+        # at once): give those as the time they end.
+        return seconds if seconds <= _RELATIVE_EXPIRY_LIMIT else int(time.time()) + seconds
 
     def get(self, key: str) -> bytes | None:
         # _call's body, inlined for the hit path on one server (no closure, no extra frame).

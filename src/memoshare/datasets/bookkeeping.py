@@ -45,6 +45,11 @@ class Sizes:
                 human_bytes(total),
             )
 
+    def add_dropped(self, samples: int) -> None:
+        """Count samples dropped from the write buffer (from any thread)."""
+        with self._lock:
+            self.dropped += samples
+
     @property
     def mean(self) -> float:
         return self.bytes / self.samples if self.samples else 0.0

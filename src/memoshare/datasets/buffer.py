@@ -13,10 +13,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .. import _process
-from ..backends.base import Backend
 from ..client import CacheClient
 from ..errors import BackendError, BackendRefused
 from ..stampede import StoreLease
+from ..storage import EntryStore
 from .bookkeeping import KnownIndices, Sizes
 
 logger = logging.getLogger("memoshare")
@@ -246,8 +246,7 @@ class WriteBuffer:
     def _report_dropped(self, dropped: int) -> None:
         if not dropped:
             return
-        with self.sizes._lock:  # the flusher thread and the caller's thread both get here
-            self.sizes.dropped += dropped
+        self.sizes.add_dropped(dropped)
         now = time.monotonic()
         if now - self._last_drop_warning >= 30.0:
             self._last_drop_warning = now
@@ -295,8 +294,8 @@ class BufferedLease(StoreLease):
 
     __slots__ = ("buffer",)
 
-    def __init__(self, backend: Backend, timeout: float, buffer: WriteBuffer) -> None:
-        super().__init__(backend, timeout)
+    def __init__(self, entries: EntryStore, timeout: float, buffer: WriteBuffer) -> None:
+        super().__init__(entries, timeout)
         self.buffer = buffer
 
     def release(self, key: str, token: bytes, stored: bool) -> None:

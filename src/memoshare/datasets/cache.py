@@ -15,7 +15,7 @@ from typing import Any
 
 from .. import _process, serialization
 from ..backends import Backend, make_backend
-from ..client import MISSING, CacheClient
+from ..client import MISSING, NOT_STORED, CacheClient
 from ..counters import CacheStats
 from ..errors import BackendError, CorruptEntry
 from ..keys import DEFAULT_NAMESPACE, check_namespace, value_digest
@@ -172,14 +172,14 @@ class SampleCache:
         counted = not self.backend.can_list_keys and self.length is None
         self.buffer = WriteBuffer(
             self.client,
-            StoreLease(self.backend, options.lease_timeout),
+            StoreLease(self.client.entries, options.lease_timeout),
             self.sizes,
             self.known,
             options.writer_buffer_size,
             options.flush_interval,
             self.prefix + "count" if counted else None,
         )
-        self.lease = BufferedLease(self.backend, options.lease_timeout, self.buffer)
+        self.lease = BufferedLease(self.client.entries, options.lease_timeout, self.buffer)
         self._warned_evictions = False
         self._next_eviction_check = 0.0
         _live_caches.add(self)
@@ -245,6 +245,8 @@ class SampleCache:
     def lookup(self, key: str, index: int | None) -> Any:
         """Like :meth:`find`, counting a hit or noticing an evicted sample."""
         value = self.find(key)
+        if value is NOT_STORED:  # marked by a caller that could not store it
+            return MISSING
         if value is MISSING:
             if index is not None and self.known is not None and index in self.known:
                 self.check_evictions(suspect=True)
@@ -339,7 +341,7 @@ class SampleCache:
         hit, _ = compute_once(
             self.lease,
             key,
-            lookup=lambda: None if self.present(key) else MISSING,
+            lookup=lambda: self.find(key),
             compute=lambda: self._compute(key, index, compute, flush=True),
             on_error=self.client.failed,
             wait_timeout=self.options.wait_timeout,  # type: ignore[arg-type]

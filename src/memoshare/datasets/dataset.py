@@ -10,6 +10,7 @@ from ..backends import Backend
 from ..client import MISSING
 from ..errors import IncompleteCacheError
 from ..keys import DEFAULT_NAMESPACE
+from ..options import check_int
 from .cache import SCAN_BATCH, CacheFront, CacheOptions, SampleCache
 from .preload import Preload, indices_in_order
 
@@ -272,10 +273,8 @@ class CachedDataset(CacheFront):
         """
         if self.dataset is None:
             raise TypeError("a cache opened with from_cache() has no dataset to preload from")
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers!r}")
-        if max_bytes < 1:
-            raise ValueError(f"max_bytes must be >= 1, got {max_bytes!r}")
+        check_int("preload()", "workers", workers, minimum=1)
+        check_int("preload()", "max_bytes", max_bytes, minimum=1)
         if self._preload is not None and not self._preload.done:
             raise RuntimeError("a preload of this dataset is running: wait() or cancel() it")
         indices = [self._index(i) for i in indices_in_order(order, self._length)]

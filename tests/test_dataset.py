@@ -264,3 +264,20 @@ def test_works_without_torch(tmp_path: Path) -> None:
     """
     proc = run_python(code)
     assert proc.stdout.strip() == "ok", proc.stderr
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["misses", "hits"])
+def test_an_index_asked_twice_in_a_batch_gives_independent_samples(memory_backend, warm) -> None:
+    """A sampler with replacement asks for one index twice; an in-place transform (or collate)
+    then must not apply twice to one object, as with the plain dataset."""
+    data = [np.array([float(i)]) for i in range(4)]
+    ds = CachedDataset(data, backend=memory_backend, dataset_name="twice", flush_interval=None)
+    if warm:
+        ds.__getitems__([0, 1, 2, 3])
+        ds.flush()
+    batch = ds.__getitems__([1, 1, 2])
+    assert batch[0] is not batch[1]
+    for sample in batch:
+        sample *= 2  # an in-place transform
+    assert [float(s[0]) for s in batch] == [2.0, 2.0, 4.0]  # as uncached: [2., 2., 4.]
+    assert [float(s[0]) for s in ds.__getitems__([1, 1])] == [1.0, 1.0]  # the cache is intact

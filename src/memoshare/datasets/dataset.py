@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -215,12 +216,24 @@ class CachedDataset(CacheFront):
         prefix = self._prefix
         keys = [f"{prefix}{i}" for i in idx]
         found = self._cache.lookup_many(keys, idx)
-        if len(found) < len(set(keys)):
+        distinct = len(set(keys))
+        if len(found) < distinct:
             for key, i in zip(keys, idx, strict=True):
                 if key not in found:
                     found[key] = self._cache.obtain(key, i, self._loader(i), flush=False)
             self._cache.buffer.flush_if_full()
-        return [found[k] for k in keys]
+        if distinct == len(keys):
+            return [found[k] for k in keys]
+        # An index asked for twice (a sampler with replacement) gets two independent samples,
+        # as the plain dataset gives: an in-place transform must not apply twice to one object.
+        samples, seen = [], set()
+        for key in keys:
+            sample = found[key]
+            if key in seen:
+                sample = copy.deepcopy(sample)
+            seen.add(key)
+            samples.append(sample)
+        return samples
 
     def __iter__(self) -> Iterator[Any]:
         """Every sample in order, read 64 at a time with :meth:`__getitems__`."""

@@ -4,6 +4,7 @@ reads and writes of one or many entries, damaged chunks and manifests."""
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -212,3 +213,54 @@ def test_entries_written_before_the_client_layer_are_read(tmp_path) -> None:
     assert ds.stats.hits == 5
     record = EntryStore(store).read(g.cache_key(1.5))
     assert record is not None and isinstance(loads(record), Moments)
+
+
+# -- damaged and forged manifests -----------------------------------------------------------------
+class KeyCounting(SmallItems):
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys_read = 0
+
+    def get_many(self, keys):  # type: ignore[no-untyped-def]
+        keys = list(keys)
+        self.keys_read += len(keys)
+        return super().get_many(keys)
+
+
+@pytest.mark.parametrize(
+    ("count", "total"),
+    [
+        (1_000_000, 1_000_000 * 4096),  # plausible sizes, chunks that were never written
+        (0x01010101, 0x0101010101010101),  # 44 bytes of 0x01 after the header
+        (1_000_000, 5000),  # more chunks than bytes allow
+        (2, 2 * (600 << 20)),  # chunks larger than any store keeps
+    ],
+)
+def test_a_forged_manifest_costs_at_most_one_batch(count: int, total: int) -> None:
+    import struct
+
+    from memoshare.serialization import FLAG_CHUNKED, header
+    from memoshare.storage import CHUNK_BATCH
+
+    store = KeyCounting()
+    forged = header(FLAG_CHUNKED) + struct.pack("<16sIQ16s", b"\x01" * 16, count, total, b"x" * 16)
+    store.set("k", forged)
+    entries = EntryStore(store)
+    start = time.monotonic()
+    assert entries.read("k") is None
+    assert entries.read_many(["k"]) == {}
+    assert entries.delete("k") is True
+    assert time.monotonic() - start < 1.0
+    assert store.keys_read <= 2 * CHUNK_BATCH + 1  # two reads of one batch, not a million keys
+
+
+def test_a_value_of_many_chunks_is_read_in_batches() -> None:
+    from memoshare.storage import CHUNK_BATCH
+
+    store = KeyCounting()
+    payload = payload_of(4096 * (CHUNK_BATCH + 10))  # more chunks than one batch
+    EntryStore(store).write("k", payload)
+    assert EntryStore(store).read("k") == payload
+    assert EntryStore(store).read_many(["k", "absent"]) == {"k": payload}
+    EntryStore(store).delete("k")
+    assert store.keys() == []

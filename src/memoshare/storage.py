@@ -26,7 +26,7 @@ import random
 import struct
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from .backends.base import Backend
 from .errors import BackendError, ContendedUpdate, CorruptEntry
@@ -46,6 +46,12 @@ _MANIFEST_HEADER = header(FLAG_CHUNKED)
 MAX_ENTRY_KEY_LENGTH = 200
 #: What :meth:`EntryStore.read` returns for a key holding the "not stored" mark.
 NOT_STORED_ITEM = header(FLAG_NOT_STORED)
+#: Chunks read per round trip; a manifest whose chunks are missing costs one batch at most.
+CHUNK_BATCH = 256
+#: The smallest and largest chunks any writer makes (memcached's smallest item limit, and
+#: Redis's largest value): a manifest implying others is damaged or forged.
+MIN_CHUNK_BYTES = 1024
+MAX_CHUNK_BYTES = 512 << 20
 #: Compare-and-set attempts of :meth:`EntryStore.update` before it gives up.
 MAX_UPDATE_ATTEMPTS = 100
 
@@ -63,13 +69,20 @@ def _digest(data: bytes | memoryview) -> bytes:
 
 
 def _chunk_keys(key: str, nonce: bytes, count: int) -> list[str]:
-    return [f"{key}~{nonce.hex()}~{i}" for i in range(count)]
+    return [f"{key}~{nonce.hex()}~{i}" for i in range(count)]  # see _Manifest.chunk_keys
 
 
 class _Manifest:
-    """A parsed manifest: which chunks make the payload, and how to check them."""
+    """A parsed manifest: which chunks make the payload, and how to check them.
 
-    __slots__ = ("chunk_keys", "total", "digest")
+    A damaged or forged manifest must not cost more than a miss: it is refused unless its
+    chunk count fits its stated length (chunks of :data:`MIN_CHUNK_BYTES` to
+    :data:`MAX_CHUNK_BYTES`), and chunks are read :data:`CHUNK_BATCH` at a time, stopping at
+    the first batch with a chunk missing. So a manifest naming a million chunks that do not
+    exist costs one batch, not a million keys.
+    """
+
+    __slots__ = ("key", "nonce", "count", "total", "digest")
 
     def __init__(self, key: str, data: bytes) -> None:
         if len(data) != HEADER_SIZE + _MANIFEST.size:
@@ -77,7 +90,13 @@ class _Manifest:
         nonce, count, total, digest = _MANIFEST.unpack_from(data, HEADER_SIZE)
         if not 0 < count <= total:
             raise CorruptEntry(f"chunk manifest names {count} chunks for {total} bytes")
-        self.chunk_keys = _chunk_keys(key, nonce, count)
+        if count > -(-total // MIN_CHUNK_BYTES) or -(-total // count) > MAX_CHUNK_BYTES:
+            raise CorruptEntry(
+                f"chunk manifest names {count} chunks for {total} bytes: no writer splits so"
+            )
+        self.key = key
+        self.nonce = nonce.hex()
+        self.count = count
         self.total = total
         self.digest = digest
 
@@ -89,15 +108,39 @@ class _Manifest:
         except CorruptEntry:
             return None
 
+    def chunk_keys(self, start: int = 0, stop: int | None = None) -> list[str]:
+        """The keys of chunks ``start`` to ``stop`` (default: all)."""
+        stop = self.count if stop is None else min(stop, self.count)
+        return [f"{self.key}~{self.nonce}~{i}" for i in range(start, stop)]
+
+    def batches(self) -> Iterator[list[str]]:
+        """The chunk keys, :data:`CHUNK_BATCH` at a time."""
+        for start in range(0, self.count, CHUNK_BATCH):
+            yield self.chunk_keys(start, start + CHUNK_BATCH)
+
+    def read(self, backend: Backend) -> bytes | None:
+        """The payload, read batch by batch; ``None`` at the first missing chunk."""
+        parts: list[bytes] = []
+        for keys in self.batches():
+            found = backend.get_many(keys)
+            if len(found) != len(keys):
+                return None
+            parts.extend(found[k] for k in keys)
+        return self._whole(parts)
+
     def join(self, chunks: Mapping[str, bytes]) -> bytes | None:
-        """The payload from its chunks, or ``None`` if one is missing or does not match."""
-        parts = [chunks.get(k) for k in self.chunk_keys]
+        """The payload from chunks already read, or ``None`` if one is missing."""
+        parts = [chunks.get(k) for k in self.chunk_keys()]
         if any(p is None for p in parts):
             return None
-        payload = b"".join(parts)  # type: ignore[arg-type]
-        if len(payload) != self.total or _digest(payload) != self.digest:
+        return self._whole(parts)  # type: ignore[arg-type]
+
+    def _whole(self, parts: list[bytes]) -> bytes | None:
+        """The joined payload if it has the stated length and digest, else ``None``."""
+        if sum(map(len, parts)) != self.total:
             return None
-        return payload
+        payload = b"".join(parts)
+        return payload if _digest(payload) == self.digest else None
 
 
 class EntryStore:
@@ -126,9 +169,7 @@ class EntryStore:
 
     def _chunked(self, key: str, manifest_data: bytes) -> bytes | None:
         manifest = _Manifest.parse(key, manifest_data)
-        if manifest is None:
-            return None
-        return manifest.join(self.backend.get_many(manifest.chunk_keys))
+        return None if manifest is None else manifest.read(self.backend)
 
     def read_many(self, keys: Iterable[str]) -> dict[str, bytes]:
         """The payloads found among ``keys`` (marks included): one ``get_many``, one more if
@@ -150,16 +191,20 @@ class EntryStore:
                 manifest = _Manifest.parse(key, data)
                 if manifest is not None:
                     manifests[key] = manifest
-        if manifests:
-            wanted = [k for m in manifests.values() for k in m.chunk_keys]
-            try:
-                chunks = self.backend.get_many(wanted)
-            except BackendError as exc:
-                failure, chunks = failure or exc, dict(exc.found or {})
+        # The chunks of every small manifest in one more round trip; a large one batch by batch.
+        small = {k: m for k, m in manifests.items() if m.count <= CHUNK_BATCH}
+        try:
+            if small:
+                chunks = self.backend.get_many([c for m in small.values() for c in m.chunk_keys()])
+                for key, manifest in small.items():
+                    payload = manifest.join(chunks)
+                    if payload is not None:
+                        found[key] = payload
             for key, manifest in manifests.items():
-                payload = manifest.join(chunks)
-                if payload is not None:
+                if key not in small and (payload := manifest.read(self.backend)) is not None:
                     found[key] = payload
+        except BackendError as exc:  # the entries already joined are kept
+            failure = failure or exc
         if failure is not None:
             failure.found = found
             raise failure
@@ -170,7 +215,7 @@ class EntryStore:
         entry, or a damaged manifest)."""
         data = self._get(key)
         manifest = _Manifest.parse(key, data) if data is not None and is_manifest(data) else None
-        return [] if manifest is None else manifest.chunk_keys
+        return [] if manifest is None else manifest.chunk_keys()
 
     # -- writing -------------------------------------------------------------------------------
     def _items(self, key: str, payload: bytes) -> dict[str, bytes]:
@@ -255,10 +300,13 @@ class EntryStore:
     # -- removing ------------------------------------------------------------------------------
     def delete(self, key: str) -> bool:
         """Remove the entry under ``key`` with its chunks; return whether it existed."""
-        chunks = self.chunk_keys(key)
+        data = self._get(key)
+        manifest = _Manifest.parse(key, data) if data is not None and is_manifest(data) else None
         existed = self.backend.delete(key)
-        if chunks:
-            self.backend.delete_many(chunks)
+        if manifest is not None:
+            for keys in manifest.batches():
+                if not self.backend.delete_many(keys):
+                    break  # none of this batch was there: the rest were never written
         return existed
 
 

@@ -494,3 +494,44 @@ def test_memcached_memoized_calls_hit_on_the_live_server(own_memcached, caplog):
         assert len(warned) == 1 and f.stats.reconnects == 0
     finally:
         other.stop()
+
+
+def test_disk_store_reuses_pages_pinned_by_a_killed_reader(tmp_path):
+    """A process SIGKILLed inside a read transaction leaves its LMDB reader slot behind: the
+    snapshot it saw stays pinned, and the file fills up although old entries are evicted."""
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "store"
+    store = DiskBackend(path, size_limit=20 << 20, sync=False)
+    store.set("seed", b"x")
+    reader = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import lmdb, sys, time\n"
+            f"env = lmdb.open({str(path)!r}, max_dbs=4, map_size=256 << 20)\n"
+            "txn = env.begin()\n"
+            "txn.get(b'seed')\n"
+            "print('reading', flush=True)\n"
+            "time.sleep(120)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert reader.stdout is not None and reader.stdout.readline().strip() == "reading"
+    finally:
+        reader.send_signal(signal.SIGKILL)
+        reader.wait(10)
+    refused = 0
+    value = bytes(1 << 20)
+    for i in range(600):
+        try:
+            store.set(f"v{i}", value)
+        except BackendRefused:
+            refused += 1
+    assert refused == 0  # the killed reader's slot was cleared when the map filled up
+    assert (path / "data.mdb").stat().st_size <= 256 << 20  # the map, not more
+    assert store.get("v599") == value

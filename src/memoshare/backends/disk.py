@@ -155,6 +155,15 @@ def _adopt_map_size(env: lmdb.Environment, wanted: int) -> int:
     return after
 
 
+def _clear_stale_readers(env: lmdb.Environment) -> int:
+    """Free the reader slots of processes that died inside a read transaction (SIGKILL, OOM):
+    LMDB keeps the pages such a reader saw, so the file only grows. Returns how many."""
+    try:
+        return int(env.reader_check())
+    except lmdb.Error:
+        return 0
+
+
 def _expire_at(expire: float | None) -> float:
     return time.time() + expire if expire else 0.0
 
@@ -228,6 +237,7 @@ class DiskBackend(Backend):
                     # Another process may have opened the directory with a larger map: use
                     # it too, or our writes would fail once the file outgrows our map.
                     guard = _MapGuard(_adopt_map_size(env, self.map_size))
+                    _clear_stale_readers(env)  # left by processes killed mid-read
                 except (OSError, lmdb.Error) as exc:
                     raise BackendError(f"cannot open the disk cache at {self.path}: {exc}") from exc
                 handles = _envs[key] = (env, *dbs, guard)
@@ -382,18 +392,31 @@ class DiskBackend(Backend):
                 adopted = True
                 self._remap(env)
             except lmdb.MapFullError as exc:
-                # Our map is full; another process may have opened the file with a larger one.
+                # Our map is full; another process may have opened the file with a larger one,
+                # or a reader that died (SIGKILL) pins old pages that could be reused.
                 if not adopted:
                     adopted = True
-                    if self._remap(env):
+                    stale = _clear_stale_readers(env)
+                    if self._remap(env) or stale:
                         continue
                 # Refused, not down: the store answers, it has no room for this value.
-                raise BackendRefused(
-                    f"the disk cache at {self.path} is full ({self._guard.map_size} bytes): "
-                    "pass a larger map_size= or a size_limit= so old entries are evicted"
-                ) from exc
+                raise BackendRefused(self._full_message(env)) from exc
             except lmdb.Error as exc:
                 raise BackendError(f"disk cache {what} failed at {self.path}: {exc}") from exc
+
+    def _full_message(self, env: lmdb.Environment) -> str:
+        readers = env.readers().count("\n") - 1  # a header line, then one line per reader
+        held = (
+            f"; {readers} read transactions of live processes are open, and the pages they "
+            "still see cannot be reused until they end"
+            if readers > 0
+            else ""
+        )
+        limit = f", size_limit {self.size_limit} bytes" if self.size_limit else ""
+        return (
+            f"the disk cache at {self.path} is full (map {self._guard.map_size} bytes{limit})"
+            f"{held}: pass a larger map_size=, or a size_limit= so old entries are evicted"
+        )
 
     # -- the interface -------------------------------------------------------------------------
     def get(self, key: str) -> bytes | None:

@@ -535,3 +535,29 @@ def test_disk_store_reuses_pages_pinned_by_a_killed_reader(tmp_path):
     assert refused == 0  # the killed reader's slot was cleared when the map filled up
     assert (path / "data.mdb").stat().st_size <= 256 << 20  # the map, not more
     assert store.get("v599") == value
+
+
+def test_redis_silent_server_costs_one_socket_timeout(redis_server_of_test):
+    from memoshare import BackendTimeout
+    from memoshare.backends.redis import RedisBackend
+
+    store = RedisBackend(port=redis_server_of_test.port, host="127.0.0.1", socket_timeout=0.5)
+    store.set("k", b"1")  # connected
+    stop(redis_server_of_test.proc)  # up, but never answers
+    try:
+        start = time.monotonic()
+        with pytest.raises(BackendTimeout):
+            store.get("k")
+        elapsed = time.monotonic() - start
+        assert 0.4 < elapsed < 0.9, f"{elapsed:.2f}s: one socket_timeout is 0.5 s"
+    finally:
+        redis_server_of_test.proc.send_signal(signal.SIGCONT)
+
+
+@pytest.fixture
+def redis_server_of_test():  # type: ignore[no-untyped-def]
+    from conftest import start_redis
+
+    server = start_redis()
+    yield server
+    server.stop()

@@ -83,8 +83,11 @@ class RedisBackend(Backend):
             options = dict(self.options)
             # redis-py retries a failed connection with exponential back-off (4 s to find a
             # server down). The back-off across calls is the retry gate's job: retry once at
-            # once (a pooled connection the server closed), no more, unless told otherwise.
-            options.setdefault("retry", Retry(NoBackoff(), 1))
+            # once, and only a broken connection (a pooled one the server closed). A timeout
+            # is not retried: a hung server would cost twice socket_timeout per operation.
+            options.setdefault(
+                "retry", Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
+            )
             common = dict(
                 socket_timeout=self.socket_timeout,
                 socket_connect_timeout=self.socket_connect_timeout,

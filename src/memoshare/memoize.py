@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import inspect
 import time
 import types
 from collections.abc import Callable
@@ -181,8 +182,19 @@ class MemoizedFunction(Generic[P, R]):
         _fn_digest: bytes | None = None,
         **options: Any,
     ) -> None:
+        # @memoize() over @staticmethod in a class body: memoize the function, and do not
+        # bind it to instances (see __get__), as the staticmethod would not.
+        self._static = isinstance(fn, staticmethod)
+        if self._static:
+            fn = fn.__func__
         if not callable(fn):
             raise TypeError(f"memoize() needs a callable, got {type(fn).__qualname__}")
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            raise TypeError(
+                f"cannot memoize {getattr(fn, '__qualname__', fn)}: it is a generator function, "
+                "whose values are produced lazily and consumed once. Memoize a function that "
+                "returns them, e.g. list(...) of the generator."
+            )
         self.options = opts = MemoizeOptions.from_keywords(options)
         self.backend = make_backend(backend)
         self.namespace = opts.namespace
@@ -319,7 +331,7 @@ class MemoizedFunction(Generic[P, R]):
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         # Decorating a method in a class body: bind like a function does.
-        if instance is None:
+        if instance is None or self._static:
             return self
         return BoundMemoizedFunction(self, instance)
 
@@ -442,6 +454,8 @@ def memoize(backend: Any = None, **options: Any) -> Any:
     Returns:
         a :class:`MemoizedFunction` (or a decorator making one).
     """
+    if isinstance(backend, type) and issubclass(backend, Backend):
+        make_backend(backend)  # raises: the class given instead of an instance
     if callable(backend) and not isinstance(backend, Backend):
         return MemoizedFunction(backend, **options)
 

@@ -79,6 +79,11 @@ def make_backend(backend: Backend | str | None = None, **options: Any) -> Backen
     from ``options``); a :class:`Backend` is used as is; a name (``"memory"``, ``"disk"``,
     ``"memcached"``, ``"redis"``) builds that backend with ``options`` as its arguments.
     """
+    if isinstance(backend, type) and issubclass(backend, Backend):
+        raise TypeError(
+            f"backend={backend.__name__} is the class: pass an instance, "
+            f"e.g. {backend.__name__}(), or a name such as 'memory'"
+        )
     if isinstance(backend, Backend):
         if options:
             raise TypeError(

@@ -88,19 +88,48 @@ class _SocketModule:
 _SOCKET_MODULE: Any = _SocketModule() if sys.platform in ("linux", "darwin") else socket
 
 
+_SERVER_FORM = "'host:port', 'memcached://host:port' or (host, port)"
+
+
 def _parse_server(server: Server | str) -> Server:
+    """``(host, port)`` of one server, or ``ValueError`` saying what is wrong with it."""
     if isinstance(server, str):
-        host, sep, port = server.rpartition(":")
-        if not sep or not port.isdigit():
-            raise ValueError(f"a memcached server is 'host:port' or (host, port), got {server!r}")
-        return host.strip("[]"), int(port)
+        text = server.strip()
+        if text.startswith("memcached://"):
+            text = text[len("memcached://") :].rstrip("/")
+        host, sep, port = text.rpartition(":")
+        if "," in text or " " in text:
+            raise ValueError(
+                f"{server!r} names several memcached servers: pass a list, "
+                "e.g. ['a:11211', 'b:11211']"
+            )
+        if not sep or "://" in host or "/" in host:
+            raise ValueError(f"a memcached server is {_SERVER_FORM}, got {server!r}")
+        return _checked(host.strip("[]"), port, server)
+    if not isinstance(server, tuple | list) or len(server) != 2:
+        raise ValueError(f"a memcached server is {_SERVER_FORM}, got {server!r}")
     host, port = server
-    return str(host), int(port)
+    return _checked(host, port, server)
+
+
+def _checked(host: object, port: object, given: object) -> Server:
+    if not isinstance(host, str) or not host or any(c in host for c in " /,"):
+        raise ValueError(f"bad memcached host {host!r} in {given!r} ({_SERVER_FORM})")
+    # Ports as strings are accepted (Bagua's docs write them so).
+    if isinstance(port, bool) or not (isinstance(port, int) or str(port).isdigit()):
+        raise ValueError(f"bad memcached port {port!r} in {given!r} ({_SERVER_FORM})")
+    number = int(port)  # type: ignore[call-overload]
+    if not 0 <= number <= 65535:
+        raise ValueError(f"memcached port {number} of {given!r} is not in 0..65535")
+    return host, number
 
 
 def _parse_servers(servers: Server | str | Sequence[Server | str]) -> list[Server]:
     if isinstance(servers, str) or (
-        isinstance(servers, tuple) and len(servers) == 2 and isinstance(servers[1], int)
+        isinstance(servers, tuple)
+        and len(servers) == 2
+        and isinstance(servers[0], str)
+        and not isinstance(servers[1], tuple | list)
     ):
         return [_parse_server(servers)]  # type: ignore[arg-type]
     parsed = [_parse_server(s) for s in servers]

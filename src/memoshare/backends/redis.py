@@ -21,6 +21,8 @@ __all__ = ["RedisBackend"]
 
 T = TypeVar("T")
 
+_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+
 # Compare-and-set: the token is the SHA-1 of the value read by gets(), checked inside Redis.
 _CAS = """
 local current = redis.call('GET', KEYS[1])
@@ -66,6 +68,14 @@ class RedisBackend(Backend):
         retry_interval: float = 1.0,
         **options: Any,
     ) -> None:
+        if url is not None and not url.startswith(_URL_SCHEMES):
+            raise ValueError(
+                f"a Redis URL starts with one of {', '.join(_URL_SCHEMES)}, got {url!r} "
+                "(for example redis://127.0.0.1:6379/0)"
+            )
+        if isinstance(port, bool) or not (isinstance(port, int) or str(port).isdigit()):
+            raise ValueError(f"bad Redis port {port!r}: a number from 0 to 65535")
+        port = int(port)
         super().__init__()
         self.host, self.port, self.db, self.password, self.url = host, port, db, password, url
         self.socket_timeout = socket_timeout

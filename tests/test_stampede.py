@@ -135,3 +135,61 @@ def test_waiter_computes_itself_after_wait_timeout(disk_backend):
     finally:
         holder.kill()
         holder.join(10)
+
+
+def _count_run(backend, name: str) -> None:  # type: ignore[no-untyped-def]
+    backend.incr(name)
+
+
+def test_a_crashed_holder_is_taken_over_by_exactly_one_waiter(own_memcached):  # type: ignore[no-untyped-def]
+    from memoshare import MemcachedBackend
+
+    backend = MemcachedBackend(own_memcached.address)
+
+    @memoize(backend, lease_timeout=1.5, shared_stats=False)
+    def slow(x):
+        _count_run(backend, "runs")
+        time.sleep(1.0)
+        return x * 10
+
+    holder = FORK.Process(target=slow, args=(7,))
+    holder.start()
+    deadline = time.monotonic() + 10
+    while backend.get("runs") != b"1":  # the holder has the lease and computes
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join(10)
+    results, elapsed = _run_together(slow, 7, workers=7)
+    assert [value for value, _, _ in results] == [70] * 7
+    # the killed holder's run, and exactly one waiter's once its lease expired
+    assert backend.get("runs") == b"2"
+    assert sum(stats["hits"] for _, _, stats in results) == 6
+    assert elapsed < 1.5 + 1.0 + 5.0  # the lease, one run, and process start-up
+
+
+def test_when_the_holder_fails_the_waiters_do_not_take_turns(shared_backend):
+    @memoize(shared_backend, shared_stats=False)
+    def fails(x):
+        time.sleep(1.0)
+        raise RuntimeError("boom")
+
+    def call(barrier, out) -> None:  # type: ignore[no-untyped-def]
+        barrier.wait()
+        start = time.monotonic()
+        try:
+            fails(1)
+        except RuntimeError:
+            out.put(time.monotonic() - start)
+
+    barrier, out = FORK.Barrier(8), FORK.Queue()
+    procs = [FORK.Process(target=call, args=(barrier, out)) for _ in range(8)]
+    for p in procs:
+        p.start()
+    latencies = sorted(out.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(30)
+    # every caller learns of the failure by running the function itself, side by side: all
+    # are done in about twice the run time, not one after another (8 s)
+    assert len(latencies) == 8
+    assert latencies[-1] < 3.5, latencies

@@ -69,8 +69,9 @@ class MemoizeOptions:
         lease_timeout: seconds after which a computing caller's claim expires, so that a
             crashed worker does not block the others (default 60). Set it above the
             function's running time, or waiters will compute too.
-        wait_timeout: the longest a waiter waits before computing itself (default:
-            ``lease_timeout``).
+        wait_timeout: the longest a waiter waits for a computing caller that is alive before
+            computing itself (default ``None``: no limit). A caller that dies stops holding
+            its claim after ``lease_timeout``; then exactly one waiter takes over.
         shared_stats: also add this process's counts to totals kept in the store, readable
             from any process with :func:`memoshare.stats` or ``memoshare stats`` (default on;
             flushed every few seconds and at exit, never on the call path).
@@ -121,9 +122,7 @@ class MemoizeOptions:
         check_bool(_OWNER, "strict", self.strict)
         check_bool(_OWNER, "shared_stats", self.shared_stats)
         fix("lease_timeout", check_seconds(_OWNER, "lease_timeout", self.lease_timeout))
-        if self.wait_timeout is None:
-            fix("wait_timeout", self.lease_timeout)
-        else:
+        if self.wait_timeout is not None:
             fix("wait_timeout", check_seconds(_OWNER, "wait_timeout", self.wait_timeout, zero=True))
         if self.stampede is None:
             fix("stampede", not self.allow_repeated_evaluations)
@@ -296,7 +295,7 @@ class MemoizedFunction(Generic[P, R]):
             lookup=lambda: self._lookup(key),
             compute=lambda: self._compute_and_store(key, args, kwargs),
             on_error=self._client.failed,
-            wait_timeout=self.options.wait_timeout,  # type: ignore[arg-type]
+            wait_timeout=self.options.wait_timeout,
         )
         if hit:
             self.stats.hit()

@@ -107,7 +107,7 @@ def compute_once(
     lookup: Callable[[], Any],
     compute: Callable[[], tuple[Any, bool]],
     on_error: Callable[[BackendError, str], None],
-    wait_timeout: float,
+    wait_timeout: float | None,
 ) -> tuple[bool, Any]:
     """Return ``(hit, value)`` for ``key``, computing it in at most one caller at a time.
 
@@ -119,9 +119,11 @@ def compute_once(
         compute: computes the value and stores it (or decides not to): ``(value, stored)``.
         on_error: called with a store error of the lease operations (it may re-raise); the
             caller then computes without protection.
-        wait_timeout: the longest this caller waits for another one.
+        wait_timeout: the longest this caller waits for a holder that is alive (``None``: as
+            long as the lease is held; a dead holder's lease expires, and then exactly one
+            waiter takes over).
     """
-    deadline = time.monotonic() + wait_timeout
+    deadline = None if wait_timeout is None else time.monotonic() + wait_timeout
     pause = 0.005
     while True:
         try:
@@ -151,15 +153,17 @@ def compute_once(
                 return False, compute()[0]  # nothing is coming: no point in taking turns
             if value is not MISSING:
                 return True, value
-            if time.monotonic() >= deadline:
-                logger.info(
-                    "memoshare: waited %.1fs for another worker on %s; computing", wait_timeout, key
-                )
-                return False, compute()[0]
             try:
                 holder = lease.holder(key)
             except BackendError as exc:
                 on_error(exc, "lease")
                 return False, compute()[0]
             if holder is None:
-                break  # the holder failed or crashed: compete for the lease again
+                # The holder crashed (its lease expired) or failed without a mark: compete
+                # for the lease again, so that exactly one waiter takes over.
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                logger.info(
+                    "memoshare: waited %.1fs for another worker on %s; computing", wait_timeout, key
+                )
+                return False, compute()[0]

@@ -67,8 +67,9 @@ class CacheOptions:
         lease_timeout: seconds after which a computing process's claim expires (a crashed
             worker blocks the others no longer than that); above the time one sample takes
             plus ``flush_interval``.
-        wait_timeout: longest a process waits for another one's sample (default
-            ``lease_timeout``).
+        wait_timeout: longest a process waits for another live process's sample (default
+            ``None``: no limit; a dead process's claim expires after ``lease_timeout``, and
+            then exactly one waiter takes over).
         flush_interval: seconds after which buffered samples are written even if the buffer
             is not full (``None``: only when full, on flush, close and exit).
         strict: raise store errors instead of warning and going on uncached.
@@ -104,8 +105,8 @@ class CacheOptions:
         check_bool(owner, "stampede", self.stampede)
         check_bool(owner, "strict", self.strict)
         fix("lease_timeout", check_seconds(owner, "lease_timeout", self.lease_timeout))
-        wait = self.lease_timeout if self.wait_timeout is None else self.wait_timeout
-        fix("wait_timeout", check_seconds(owner, "wait_timeout", wait, zero=True))
+        if self.wait_timeout is not None:
+            fix("wait_timeout", check_seconds(owner, "wait_timeout", self.wait_timeout, zero=True))
         if self.flush_interval is not None:
             fix("flush_interval", check_seconds(owner, "flush_interval", self.flush_interval))
         if self.log_every is not None:
@@ -325,7 +326,7 @@ class SampleCache:
             lookup=lambda: self.find(key),
             compute=lambda: self._compute(key, index, compute, flush),
             on_error=self.client.failed,
-            wait_timeout=self.options.wait_timeout,  # type: ignore[arg-type]
+            wait_timeout=self.options.wait_timeout,
         )
         if hit:
             self.stats.hit()
@@ -344,7 +345,7 @@ class SampleCache:
             lookup=lambda: self.find(key),
             compute=lambda: self._compute(key, index, compute, flush=True),
             on_error=self.client.failed,
-            wait_timeout=self.options.wait_timeout,  # type: ignore[arg-type]
+            wait_timeout=self.options.wait_timeout,
         )
         return not hit
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -232,7 +233,8 @@ def test_clear_removes_every_key_of_the_dataset(redis_server) -> None:  # type: 
     ds.__getitems__(range(5))
     assert len(backend.keys(ds.key(0).rsplit(":", 1)[0])) > 6  # samples, chunks, manifest
     assert ds.clear() > 6
-    assert backend.keys(ds.key(0).rsplit(":", 1)[0]) == []
+    # every sample and chunk is gone; the manifest is written back (the dataset is here)
+    assert backend.keys(ds.key(0).rsplit(":", 1)[0]) == [ds._cache.manifest_key]
     assert ds.missing_indices() == list(range(5))
     assert keep[0] == "other" and keep.stats.hits == 1
 
@@ -281,3 +283,48 @@ def test_an_index_asked_twice_in_a_batch_gives_independent_samples(memory_backen
         sample *= 2  # an in-place transform
     assert [float(s[0]) for s in batch] == [2.0, 2.0, 4.0]  # as uncached: [2., 2., 4.]
     assert [float(s[0]) for s in ds.__getitems__([1, 1])] == [1.0, 1.0]  # the cache is intact
+
+
+def test_manifest_stays_consistent_after_clear_refill_and_eviction(memory_backend) -> None:
+    ds = CachedDataset(SlowDataset(6), backend=memory_backend, dataset_name="m", version=1)
+    ds.__getitems__(range(6))
+    ds.flush()
+    ds.clear()
+    ds.__getitems__(range(6))  # refill
+    ds.flush()
+    assert ds.is_complete()
+    again = CachedDataset.from_cache("m", backend=memory_backend, version=1)
+    assert len(again) == 6 and again[5] is not None
+    with pytest.raises(ValueError, match="6 samples"):  # another length, same name: refused
+        CachedDataset(SlowDataset(7), backend=memory_backend, dataset_name="m", version=1)
+    memory_backend.delete(ds._cache.manifest_key)  # evicted
+    assert ds.is_complete()  # ... and written back
+    assert len(CachedDataset.from_cache("m", backend=memory_backend, version=1)) == 6
+
+
+def _fill_then_wait(backend, ready) -> None:  # type: ignore[no-untyped-def]
+    ds = CachedDataset(
+        list(range(500)),
+        backend=backend,
+        dataset_name="sigterm",
+        writer_buffer_size=1000,
+        flush_interval=None,
+    )
+    for i in range(500):
+        ds[i]
+    ready.set()
+    time.sleep(60)
+
+
+def test_a_worker_ended_by_sigterm_writes_its_buffer(disk_backend) -> None:
+    import multiprocessing as mp
+
+    fork = mp.get_context("fork")
+    ready = fork.Event()
+    worker = fork.Process(target=_fill_then_wait, args=(disk_backend, ready))
+    worker.start()
+    assert ready.wait(60)
+    worker.terminate()  # SIGTERM, as Pool.terminate and DataLoader shutdown send
+    worker.join(30)
+    ds = CachedDataset(list(range(500)), backend=disk_backend, dataset_name="sigterm")
+    assert ds.num_cached() == 500

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
@@ -31,6 +32,8 @@ logger = logging.getLogger("memoshare")
 LAYOUT = "memoshare.datasets/1"
 #: Seconds between two reads of the store's eviction counter.
 EVICTION_CHECK_INTERVAL = 5.0
+#: Seconds a process ended by SIGTERM waits for its write buffers to be written.
+SIGTERM_FLUSH_SECONDS = 5.0
 #: Indices per ``get_many`` when checking which samples are stored.
 SCAN_BATCH = 512
 
@@ -42,12 +45,21 @@ def _flush_all() -> None:
         cache.buffer.final_flush()
 
 
+def _flush_all_on_sigterm() -> None:
+    # The main thread may have been stopped inside a flush (holding its lock): flush from
+    # another thread, and give up after SIGTERM_FLUSH_SECONDS (the leases then expire).
+    flushing = threading.Thread(target=_flush_all, name="memoshare-sigterm-flush", daemon=True)
+    flushing.start()
+    flushing.join(SIGTERM_FLUSH_SECONDS)
+
+
 def _after_fork_in_child() -> None:
     for cache in list(_live_caches):
         cache.after_fork()
 
 
 _process.at_exit(_flush_all, _process.Order.CACHES)
+_process.on_sigterm(_flush_all_on_sigterm, _process.Order.CACHES)
 _process.after_fork_child(_after_fork_in_child, _process.Order.CACHES)
 
 
@@ -184,6 +196,7 @@ class SampleCache:
         self._warned_evictions = False
         self._next_eviction_check = 0.0
         _live_caches.add(self)
+        _process.arm_sigterm()  # a DataLoader worker ended by SIGTERM writes its buffer first
         # Flushed when collected too; at exit the process hook flushes every live cache.
         weakref.finalize(self, self.buffer.final_flush).atexit = False
 

@@ -306,6 +306,7 @@ class CachedDataset(CacheFront):
     # -- inspection ----------------------------------------------------------------------------
     def missing_indices(self) -> list[int]:
         """Indices whose sample is not in the store (nor waiting in this process's buffer)."""
+        self._keep_manifest()  # what is_complete() promises, from_cache() must find
         cache = self._cache
         listed = cache.listed("i")
         if listed is not None:
@@ -336,8 +337,14 @@ class CachedDataset(CacheFront):
 
     # -- life cycle ----------------------------------------------------------------------------
     def clear(self) -> int:
-        """Remove this dataset's entries (samples, chunks, manifest) from the store and this
-        process's buffer; return how many keys were removed."""
+        """Remove this dataset's samples (and chunks) from the store and from this process's
+        buffer; return how many keys were removed.
+
+        A cache opened with its dataset keeps its manifest (written again at once), so a
+        refill is a complete cache that :meth:`from_cache` opens, and a dataset of another
+        length is still refused under the same name and version. One opened with
+        :meth:`from_cache` removes the manifest too: the cache is gone.
+        """
         cache = self._cache
         cache.buffer.discard()
         cache.forget_seen()  # or the misses to come would look like evictions
@@ -348,12 +355,25 @@ class CachedDataset(CacheFront):
         removed = 0
         for start in range(0, len(listed), SCAN_BATCH):
             removed += cache.backend.delete_many(listed[start : start + SCAN_BATCH])
-        return removed + cache.backend.delete(cache.manifest_key)
+        removed += cache.backend.delete(cache.manifest_key)
+        self._keep_manifest()
+        return removed
+
+    def _keep_manifest(self) -> None:
+        """Write the manifest back if it is gone (cleared, evicted) and the dataset is here."""
+        if self.dataset is not None:
+            self._cache.write_manifest(self._length)
+
+    def flush(self) -> None:
+        """Write the buffered samples now (retrying; raises only with ``strict=True``)."""
+        super().flush()
+        self._keep_manifest()
 
     def close(self) -> None:
         """Stop a running preload and write the buffered samples."""
         if self._preload is not None:
             self._preload.cancel()
+        self._keep_manifest()
         self._cache.close()
 
     # -- pickling ------------------------------------------------------------------------------

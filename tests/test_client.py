@@ -122,7 +122,7 @@ BAD_MEMOIZE_OPTIONS = [
     ({"rtol_stderr": math.nan}, ValueError),
     ({"rtol_stderr": -1}, ValueError),
     ({"min_repetitions": 2.5}, TypeError),
-    ({"min_repetitions": 0}, ValueError),
+    ({"min_repetitions": -1}, ValueError),
     ({"min_repetitions": True}, TypeError),
     ({"allow_repeated_evaluations": "yes"}, TypeError),
     ({"strict": 1}, TypeError),

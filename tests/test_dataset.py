@@ -328,3 +328,25 @@ def test_a_worker_ended_by_sigterm_writes_its_buffer(disk_backend) -> None:
     worker.join(30)
     ds = CachedDataset(list(range(500)), backend=disk_backend, dataset_name="sigterm")
     assert ds.num_cached() == 500
+
+
+def test_a_sample_whose_loader_failed_is_not_counted_as_cached(memory_backend) -> None:
+    class FailsOnce:
+        failed = False
+
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i: int) -> int:
+            if i == 3 and not FailsOnce.failed:
+                FailsOnce.failed = True
+                raise OSError("a flaky read")
+            return i
+
+    ds = CachedDataset(FailsOnce(), backend=memory_backend, dataset_name="flaky")
+    with pytest.raises(OSError):
+        ds[3]
+    assert ds.missing_indices() == [0, 1, 2, 3]
+    assert not ds.is_complete()
+    ds.preload(progress=False).wait()
+    assert ds.is_complete() and ds[3] == 3

@@ -9,6 +9,7 @@ import dataclasses
 import inspect
 import logging
 import os
+import signal
 import threading
 import time
 import warnings
@@ -336,11 +337,9 @@ def test_faster_with_repeated_training(config: MemcachedClientConfig) -> None:
     assert cached_time < uncached_time
 
 
-@pytest.mark.parametrize(("n", "atol"), [(10, 5), (20, 10)])
-@pytest.mark.parametrize("n_jobs", [1, 2])
-def test_parallel_repeated_training(
-    config: MemcachedClientConfig, n: int, atol: float, n_jobs: int
-) -> None:
+def noisy_training(config: MemcachedClientConfig) -> Any:
+    """pyDVL's repeated-training map function: the sum of a chunk, plus noise."""
+
     @memcached(
         client_config=config,
         time_threshold=0,
@@ -351,6 +350,15 @@ def test_parallel_repeated_training(
     def map_func(indices: np.ndarray, **kwargs: Any) -> float:
         return float(np.sum(indices)) + np.random.normal(scale=5)
 
+    return map_func
+
+
+@pytest.mark.parametrize(("n", "atol"), [(10, 5), (20, 10)])
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_parallel_repeated_training(
+    config: MemcachedClientConfig, n: int, atol: float, n_jobs: int
+) -> None:
+    map_func = noisy_training(config)
     results = [map_reduce_loky(np.arange(n), map_func, n_jobs, run) for run in range(20)]
     exact = float(np.sum(np.arange(n)))
     assert np.isclose(results[-1], results[-2], atol=atol)
@@ -366,6 +374,9 @@ def ray_local() -> Iterator[Any]:
     # node, object store and workers on 127.0.0.1 instead of the machine's own address.
     saved = os.environ.get(RAY_CLUSTER_MODE)
     os.environ[RAY_CLUSTER_MODE] = "0"
+    # Ray installs signal handlers in the driver; forked workers of later tests would inherit
+    # them (and then not flush on SIGTERM): put the previous ones back afterwards.
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     ray = pytest.importorskip("ray")
     ray.init(
         num_cpus=2,
@@ -378,6 +389,8 @@ def ray_local() -> Iterator[Any]:
     assert ray._private.worker.global_worker.node.node_ip_address == "127.0.0.1"
     yield ray
     ray.shutdown()
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
     if saved is None:
         del os.environ[RAY_CLUSTER_MODE]
     else:
@@ -411,16 +424,66 @@ def test_parallel_jobs_share_entries_with_ray(
 
 
 def test_parallel_repeated_training_with_ray(ray_local: Any, config: MemcachedClientConfig) -> None:
-    @memcached(
-        client_config=config,
-        time_threshold=0,
-        allow_repeated_evaluations=True,
-        rtol_stderr=0.01,
-        ignore_args=["job_id", "run_id"],
-    )
-    def map_func(indices: np.ndarray, **kwargs: Any) -> float:
-        return float(np.sum(indices)) + np.random.normal(scale=5)
-
+    map_func = noisy_training(config)
     results = [map_reduce_ray(ray_local, np.arange(20), map_func, run) for run in range(20)]
     assert np.isclose(results[-1], results[-2], atol=10)
     assert np.isclose(results[-1], 190.0, atol=10)
+
+
+def test_unique_fast_calls_cost_one_lookup_each() -> None:
+    """pyDVL's workload: mostly distinct subsets, each faster than time_threshold. Once the
+    function is known to be fast, a miss takes no lease and leaves no mark."""
+    store = CountingBackend()
+
+    @memoize(store, time_threshold=0.3, shared_stats=False)
+    def fast(x):
+        return x
+
+    fast(-1)  # the first call ever: its run time is not known yet
+    store.ops.clear()
+    for i in range(50):
+        fast(i)
+    assert store.ops == ["get"] * 50
+    assert store.keys() == [fast.cache_key(-1)]  # only the first call's short-lived mark
+
+
+def test_the_pydvl_utility_pattern_keys_the_signature_not_the_instance(
+    config: MemcachedClientConfig,
+) -> None:
+    class Utility:
+        def __init__(self, data: np.ndarray) -> None:
+            self.data = data  # large: digesting it at every call would cost as much
+
+        def _utility(self, indices: tuple[int, ...]) -> float:
+            return float(len(indices))
+
+    first, second = Utility(np.zeros(10)), Utility(np.ones(10))
+    cached = memcached(config, time_threshold=0)(first._utility, signature=b"utility-v1")
+    other = memcached(config, time_threshold=0)(second._utility, signature=b"utility-v1")
+    assert cached.cache_key((1, 2)) == other.cache_key((1, 2))  # the signature pins it
+    # without a signature memoshare keys the instance, as memoize does
+    assert memcached(config)(first._utility).cache_key((1,)) != memcached(config)(
+        second._utility
+    ).cache_key((1,))
+
+
+def test_the_ignore_args_warning_is_not_repeated_by_copies(config: MemcachedClientConfig) -> None:
+    import pickle
+
+    with pytest.warns(UserWarning, match="job_id"):
+        fn = memcached(config, ignore_args=["job_id"])(_plain_utility)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            pickle.loads(pickle.dumps(fn))  # as each worker unpickles it
+
+
+def _plain_utility(indices: Any) -> float:
+    return float(np.sum(indices))
+
+
+def test_pydvl_accepts_a_single_name_and_zero_repetitions(config: MemcachedClientConfig) -> None:
+    cached = memcached(config, time_threshold=0, ignore_args="job_id", min_repetitions=0)(
+        lambda indices, job_id=0: float(np.sum(indices))
+    )
+    assert cached.cache_key([1], job_id=1) == cached.cache_key([1], job_id=2)

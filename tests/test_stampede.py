@@ -8,6 +8,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from memoshare import memoize
 
 FORK = mp.get_context("fork")
@@ -193,3 +195,38 @@ def test_when_the_holder_fails_the_waiters_do_not_take_turns(shared_backend):
     # are done in about twice the run time, not one after another (8 s)
     assert len(latencies) == 8
     assert latencies[-1] < 3.5, latencies
+
+
+def test_the_not_stored_mark_never_replaces_a_stored_value(memory_backend):
+    from memoshare.stampede import StoreLease
+    from memoshare.storage import EntryStore
+
+    entries = EntryStore(memory_backend)
+    lease = StoreLease(entries, timeout=30)
+    token = lease.acquire("k")
+    assert token is not None
+    entries.write("k", b"stored by another caller meanwhile")  # our lease had expired
+    lease.release("k", token, stored=False)  # we failed (or were too fast to store)
+    assert entries.read("k") == b"stored by another caller meanwhile"
+
+
+def test_the_not_stored_mark_is_short_lived(memory_backend):
+    from memoshare.stampede import NOT_STORED_MARK_SECONDS
+
+    expiries = []
+    add = memory_backend.add
+
+    def spying_add(key, value, expire=None):  # type: ignore[no-untyped-def]
+        expiries.append((key, expire))
+        return add(key, value, expire)
+
+    memory_backend.add = spying_add
+
+    @memoize(memory_backend, lease_timeout=600, shared_stats=False)
+    def fails(x):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        fails(1)
+    mark = [expire for key, expire in expiries if key == fails.cache_key(1)]
+    assert mark == [NOT_STORED_MARK_SECONDS]  # not the 600 s lease: protection is back soon

@@ -36,33 +36,26 @@ __all__ = ["MISSING", "NOT_STORED", "CacheClient"]
 logger = logging.getLogger("memoshare")
 
 
-class _Missing:
-    __slots__ = ()
+class _Sentinel:
+    """A named marker that pickles as itself (by reference to this module)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
 
     def __repr__(self) -> str:
-        return "<missing>"
+        return f"<{self.name.lower().replace('_', ' ')}>"
 
     def __reduce__(self) -> str:
-        return "MISSING"
+        return self.name
 
 
 #: What a lookup returns for "no usable entry": ``None`` and other falsy values are values.
-MISSING: Any = _Missing()
-
-
-class _NotStored:
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "<not stored>"
-
-    def __reduce__(self) -> str:
-        return "NOT_STORED"
-
-
+MISSING: Any = _Sentinel("MISSING")
 #: What a lookup returns where the last caller left the "not stored" mark: compute at once,
 #: nobody is computing for you (see memoshare.storage).
-NOT_STORED: Any = _NotStored()
+NOT_STORED: Any = _Sentinel("NOT_STORED")
 
 
 class CacheClient:

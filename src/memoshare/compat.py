@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
@@ -67,12 +70,37 @@ def memcached(
         ignore_args=ignore_args,
         **options,
     )
+    if isinstance(ignore_args, str):  # pyDVL tests names with `in`: a single name works there
+        settings["ignore_args"] = [ignore_args]
     MemoizeOptions.from_keywords(settings)  # wrong options fail at decoration
     config = MemcachedClientConfig() if client_config is None else client_config
     backend = MemcachedBackend.from_config(config, **backend_options)
 
     def decorate(fun: Callable[P, R], signature: bytes | None = None) -> MemoizedFunction[P, R]:
         backend.check()  # fail fast, as pyDVL does when it wraps a function
-        return MemoizedFunction(fun, backend=backend, signature=signature, **settings)
+        own = settings
+        instance_arg = _instance_parameter(fun)
+        if signature is not None and instance_arg is not None:
+            # pyDVL keys a bound method by its signature and arguments, never the instance:
+            # its Utility passes a signature that already covers model, data and scorer.
+            # Digesting the instance at every call would cost as much as its data.
+            own = {**settings, "ignore_args": [*(settings["ignore_args"] or ()), instance_arg]}
+        return MemoizedFunction(fun, backend=backend, signature=signature, **own)
 
     return decorate
+
+
+def _instance_parameter(fun: Any) -> str | None:
+    """The name of the instance's parameter of a bound method or callable object, if any."""
+    if isinstance(fun, types.MethodType):
+        function = fun.__func__
+    elif not isinstance(fun, types.FunctionType | functools.partial | type) and isinstance(
+        type(fun).__call__, types.FunctionType
+    ):
+        function = type(fun).__call__
+    else:
+        return None
+    try:
+        return next(iter(inspect.signature(function).parameters), None)
+    except (TypeError, ValueError):
+        return None

@@ -132,6 +132,8 @@ class KeyBuilder:
         fn_digest: the function part: final bytes, or a callable returning ``(digest,
             pending)`` (see :func:`function_part`), called now and, if pending, once more
             at the first key.
+        warn_unbindable: warn about names in ``ignore_args`` that no call can bind (off
+            where the same function is rebuilt, say from a pickle: warned once already).
     """
 
     def __init__(
@@ -140,6 +142,8 @@ class KeyBuilder:
         namespace: str,
         ignore_args: Iterable[str],
         fn_digest: bytes | FunctionPart,
+        *,
+        warn_unbindable: bool = True,
     ) -> None:
         self.namespace = check_namespace(namespace)
         try:
@@ -152,7 +156,7 @@ class KeyBuilder:
         ignored = frozenset(ignore_args)
         self._var_keyword = next((p.name for p in params if p.kind is _VAR_KEYWORD), None)
         unbindable = ignored - set(names)
-        if unbindable and self._var_keyword is None:
+        if unbindable and self._var_keyword is None and warn_unbindable:
             warnings.warn(
                 f"ignore_args names {sorted(unbindable)}, which {self.qualname}"
                 f"{self.signature} can never receive (no such parameter, no **kwargs): "

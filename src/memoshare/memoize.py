@@ -110,7 +110,7 @@ class MemoizeOptions:
             check_real(_OWNER, "rtol_stderr", self.rtol_stderr, minimum=0.0, inclusive=True),
         )
         fix(
-            "min_repetitions", check_int(_OWNER, "min_repetitions", self.min_repetitions, minimum=1)
+            "min_repetitions", check_int(_OWNER, "min_repetitions", self.min_repetitions, minimum=0)
         )
         fix("ignore_args", _names(self.ignore_args))
         if isinstance(self.signature, bytearray | memoryview):
@@ -179,6 +179,7 @@ class MemoizedFunction(Generic[P, R]):
         *,
         backend: Backend | str | None = None,
         _fn_digest: bytes | None = None,
+        _runtime: float | None = None,
         **options: Any,
     ) -> None:
         # @memoize() over @staticmethod in a class body: memoize the function, and do not
@@ -222,6 +223,10 @@ class MemoizedFunction(Generic[P, R]):
         self.stats = self._client.stats
         self._lookup = self._client.lookup  # bound once: the hit path
         self._lease = StoreLease(self._client.entries, opts.lease_timeout)
+        # A running estimate of the function's run time (None until it ran): with a
+        # time_threshold, calls expected to be faster than it are not stored, so a miss
+        # skips the lease (there is nothing to wait for) and costs one lookup.
+        self._runtime = _runtime
         # Nothing below holds this object (no cycle): a function is freed as soon as its
         # last reference goes, and its shared counts are flushed then.
         keys = self._keys = KeyBuilder(
@@ -238,6 +243,7 @@ class MemoizedFunction(Generic[P, R]):
                 version=opts.version,
                 stochastic=opts.allow_repeated_evaluations,
             ),
+            warn_unbindable=_fn_digest is None,  # a rebuilt copy was warned about already
         )
         if opts.shared_stats:
             track_shared_stats(
@@ -269,16 +275,29 @@ class MemoizedFunction(Generic[P, R]):
             return value  # type: ignore[no-any-return]
         # A miss is protected: one caller computes while the others wait. Where the last
         # caller left the "not stored" mark, nobody is computing for us: compute at once.
-        if value is MISSING and opts.stampede and not self._client.health.failing:
+        if (
+            value is MISSING
+            and opts.stampede
+            and not self._client.health.failing
+            and not self._expected_unstored()
+        ):
             return self._compute_once(key, args, kwargs)
         return self._compute_and_store(key, args, kwargs)[0]  # type: ignore[no-any-return]
+
+    def _expected_unstored(self) -> bool:
+        """Whether this call will most likely be faster than ``time_threshold``."""
+        runtime = self._runtime
+        return runtime is not None and runtime < self.options.time_threshold
 
     def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, float]:
         # Counted first: a call whose function raises was a miss too (hits + misses == calls).
         self.stats.count("misses")
         start = time.perf_counter()
         value = self._target(*args, **kwargs)
-        return value, time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        runtime = self._runtime
+        self._runtime = elapsed if runtime is None else 0.8 * runtime + 0.2 * elapsed
+        return value, elapsed
 
     def _compute_and_store(
         self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -351,7 +370,12 @@ class MemoizedFunction(Generic[P, R]):
             # Like a function: by reference, so the receiver uses its own module-level object.
             return _import_global, (module, self.__qualname__)
         options = {name: getattr(self.options, name) for name in _OPTION_NAMES}
-        state = dict(backend=self.backend, _fn_digest=self._memoshare_digest, **options)
+        state = dict(
+            backend=self.backend,
+            _fn_digest=self._memoshare_digest,
+            _runtime=self._runtime,
+            **options,
+        )
         return _rebuild, (cloudpickle.dumps(self._fn), state)
 
 

@@ -8,9 +8,9 @@ seconds computes by itself.
 
 A holder that does not store (its call was faster than ``time_threshold``, the value cannot be
 pickled, or the function raised) leaves the "not stored" mark under the entry's key (see
-:mod:`memoshare.storage`) for ``timeout`` seconds. The waiters then compute at once, each for
-itself, instead of taking turns; and a later caller reading the mark computes at once too, at
-the cost of its one lookup, without taking a lease.
+:mod:`memoshare.storage`) for a few seconds, unless a value is there. The waiters then compute
+at once, each for itself, instead of taking turns; and a later caller reading the mark computes
+at once too, at the cost of its one lookup, without taking a lease.
 
 :func:`compute_once` is the protocol; the lease is where it keeps its state, so the dataset
 cache plugs in a lease whose release waits for its write buffer
@@ -36,6 +36,9 @@ __all__ = ["LEASE_SUFFIX", "Lease", "StoreLease", "compute_once"]
 logger = logging.getLogger("memoshare")
 
 LEASE_SUFFIX = "~lease"
+#: How long a "not stored" mark lasts: long enough for the waiters of that call to see it,
+#: short enough that one failure does not turn stampede protection off for long.
+NOT_STORED_MARK_SECONDS = 5.0
 
 
 class Lease(ABC):
@@ -66,12 +69,13 @@ def new_token() -> bytes:
 class StoreLease(Lease):
     """A lease kept in the store, under ``key + "~lease"``, expiring after ``timeout`` s."""
 
-    __slots__ = ("entries", "backend", "timeout")
+    __slots__ = ("entries", "backend", "timeout", "mark")
 
-    def __init__(self, entries: EntryStore, timeout: float) -> None:
+    def __init__(self, entries: EntryStore, timeout: float, *, mark: bool = True) -> None:
         self.entries = entries
         self.backend = entries.backend
         self.timeout = timeout
+        self.mark = mark  # leave the "not stored" mark when releasing without a value
 
     def acquire(self, key: str) -> bytes | None:
         token = new_token()
@@ -81,8 +85,8 @@ class StoreLease(Lease):
         return self.backend.get(key + LEASE_SUFFIX)
 
     def release(self, key: str, token: bytes, stored: bool) -> None:
-        if not stored:
-            self.entries.mark_not_stored(key, self.timeout)
+        if not stored and self.mark:
+            self.entries.mark_not_stored(key, min(self.timeout, NOT_STORED_MARK_SECONDS))
         lease = key + LEASE_SUFFIX
         # Only our own lease: if it expired while we computed, another caller may hold it now,
         # and deleting that one would let a third caller compute.

@@ -260,8 +260,9 @@ class EntryStore:
         return self.backend.add(key, self._prepared(key, payload, expire), expire)
 
     def mark_not_stored(self, key: str, expire: float) -> None:
-        """Leave the "not stored" mark under ``key`` for ``expire`` seconds (see above)."""
-        self.backend.set(key, NOT_STORED_ITEM, expire)
+        """Leave the "not stored" mark under ``key`` for ``expire`` seconds (see above), unless
+        the key holds something: a value another caller stored meanwhile is never replaced."""
+        self.backend.add(key, NOT_STORED_ITEM, expire)
 
     def update(
         self,
@@ -299,10 +300,11 @@ class EntryStore:
 
     # -- removing ------------------------------------------------------------------------------
     def delete(self, key: str) -> bool:
-        """Remove the entry under ``key`` with its chunks; return whether it existed."""
+        """Remove the entry under ``key`` with its chunks; return whether it existed (a
+        "not stored" mark is removed too, but is no entry)."""
         data = self._get(key)
         manifest = _Manifest.parse(key, data) if data is not None and is_manifest(data) else None
-        existed = self.backend.delete(key)
+        existed = self.backend.delete(key) and data != NOT_STORED_ITEM
         if manifest is not None:
             for keys in manifest.batches():
                 if not self.backend.delete_many(keys):

@@ -295,7 +295,9 @@ class BufferedLease(StoreLease):
     __slots__ = ("buffer",)
 
     def __init__(self, entries: EntryStore, timeout: float, buffer: WriteBuffer) -> None:
-        super().__init__(entries, timeout)
+        # No "not stored" mark: a sample key holding one would look stored to the checks of
+        # completeness (they test presence, not values).
+        super().__init__(entries, timeout, mark=False)
         self.buffer = buffer
 
     def release(self, key: str, token: bytes, stored: bool) -> None:

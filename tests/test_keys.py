@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 import math
 import os
 import struct
@@ -16,7 +17,7 @@ import warnings
 import numpy as np
 import pytest
 
-from memoshare import MemoryBackend, memoize, value_digest
+from memoshare import DiskBackend, MemoryBackend, memoize, value_digest
 from memoshare.keys import KeyBuilder, function_digest
 
 
@@ -686,3 +687,57 @@ def test_a_memoized_class_is_keyed_by_its_code():
     two = compile_fn(source.format(scale=2), "Point")
     assert function_digest(one) != function_digest(two)
     assert function_digest(one) == function_digest(compile_fn(source.format(scale=1), "Point"))
+
+
+# -- argument types common in ML, in fresh processes ----------------------------------------------
+_DIGESTS_OF_ML_VALUES = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import ml_values
+from memoshare import value_digest
+print(json.dumps({{name: value_digest(v).hex() for name, v in ml_values.make().items()}}))
+"""
+
+
+def test_common_ml_argument_types_have_one_digest_in_every_process() -> None:
+    """Two fresh interpreters with different string hashing must key every value alike; a
+    type whose pickle differs per process (torch tensors) is encoded canonically."""
+    for module in ("torch", "pandas", "scipy", "sklearn"):
+        pytest.importorskip(module)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    code = _DIGESTS_OF_ML_VALUES.format(tests=tests)
+    runs = []
+    for seed in ("1", "2"):
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        )
+        assert done.returncode == 0, done.stderr
+        runs.append(json.loads(done.stdout))
+    differing = sorted(name for name in runs[0] if runs[0][name] != runs[1][name])
+    assert differing == []
+    assert len(set(runs[0].values())) == len(runs[0])  # and different values, different keys
+
+
+def _tensor_total(t):  # type: ignore[no-untyped-def]
+    return float(t.sum())
+
+
+def test_equal_tensors_share_entries_across_processes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    torch = pytest.importorskip("torch")
+    from joblib import Parallel, delayed
+
+    store = DiskBackend(tmp_path / "store")
+    total = memoize(store, namespace="tensors", shared_stats=False)(_tensor_total)
+    tensors = [torch.full((4,), float(k % 5)) for k in range(40)]  # 5 distinct values
+    with Parallel(n_jobs=2, backend="loky") as parallel:
+        results = parallel(delayed(total)(t) for t in tensors)
+    assert results == [4.0 * (k % 5) for k in range(40)]
+    entries = [k for k in store.keys("tensors:") if "~" not in k]
+    assert len(entries) == 5  # one per distinct tensor, whichever process computed it
+    assert total.cache_key(torch.zeros(2)) != total.cache_key(torch.zeros(2, dtype=torch.int64))
+    assert total.cache_key(torch.zeros(2)) != total.cache_key(np.zeros(2))
+    assert total.cache_key(torch.zeros(2)) != total.cache_key(torch.zeros(1, 2))

@@ -64,6 +64,13 @@ def _name(obj: Any) -> str:
     return f"{_module(obj)}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
 
 
+def _is_tensor(obj: Any) -> bool:
+    """Whether ``obj`` is a torch tensor (torch is not imported for that: without it loaded,
+    nothing is a tensor)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)
+
+
 def _memo_digest(obj: Any) -> bytes | None:
     """The function part of a memoized function (None for anything else, its class included)."""
     digest = getattr(obj, "_memoshare_digest", None)
@@ -124,6 +131,8 @@ class CanonicalEncoder:
                 self.value(obj.__self__)
         elif (memo := _memo_digest(obj)) is not None:
             self.tag(b"memo", memo)
+        elif _is_tensor(obj):
+            self.tensor(obj)
         else:
             self.reduced(obj)
 
@@ -173,6 +182,21 @@ class CanonicalEncoder:
         self.text(b"arr", f"{spec}{shape}")
         data = memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
         self.tag(b"data", data)
+
+    def tensor(self, t: Any) -> None:
+        """A torch tensor like a numpy array: its type, dtype, shape, device type and
+        gradient flag, then its elements' bytes in C order. (torch pickles a tensor with its
+        storage's identity, which differs in every process: equal tensors never shared.)"""
+        import torch  # imported already: t is a tensor
+
+        t = t.detach()
+        if t.layout != torch.strided:
+            t = t.to_dense()  # a sparse tensor equals its dense values
+        meta = f"{_name(type(t))}:{t.dtype}:{tuple(t.shape)}:{t.device.type}:{t.requires_grad}"
+        self.text(b"tensor", meta)
+        flat = t.resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
+        data = flat.view(torch.uint8).numpy() if flat.numel() else np.empty(0, np.uint8)
+        self.tag(b"data", memoryview(data))
 
     def reduced(self, obj: Any) -> None:
         """Encode any other object through the parts ``pickle`` would rebuild it from."""

@@ -214,3 +214,37 @@ def test_killed_preload_resumes_with_the_stored_samples(tmp_path: Path) -> None:
     assert job.wait(timeout=60)
     assert sorted(data.calls) == missing and job.already_cached == 200 - len(missing)
     assert ds.is_complete()
+
+
+def _compute_then_wait(backend, ready) -> None:  # type: ignore[no-untyped-def]
+    ds = CachedDataset(
+        SlowDataset(40),
+        backend=backend,
+        dataset_name="killed",
+        writer_buffer_size=1000,  # everything waits in the buffer, its leases held
+        flush_interval=None,
+    )
+    for i in range(30):
+        ds[i]
+    ready.set()
+    time.sleep(120)
+
+
+def test_a_preload_after_a_killed_worker_waits_one_short_lease(memcached_backend) -> None:  # type: ignore[no-untyped-def]
+    import multiprocessing as mp
+    import os
+    import signal
+
+    fork = mp.get_context("fork")
+    ready = fork.Event()
+    worker = fork.Process(target=_compute_then_wait, args=(memcached_backend, ready))
+    worker.start()
+    assert ready.wait(60)
+    os.kill(worker.pid, signal.SIGKILL)  # its 30 buffered samples and their leases are lost
+    worker.join(10)
+    ds = CachedDataset(SlowDataset(40), backend=memcached_backend, dataset_name="killed")
+    start = time.monotonic()
+    ds.preload(progress=False).wait()
+    elapsed = time.monotonic() - start
+    assert ds.is_complete()
+    assert elapsed < 5.0 + 4.0  # the default 5 s lease of the dead worker, then the work

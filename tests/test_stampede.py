@@ -230,3 +230,48 @@ def test_the_not_stored_mark_is_short_lived(memory_backend):
         fails(1)
     mark = [expire for key, expire in expiries if key == fails.cache_key(1)]
     assert mark == [NOT_STORED_MARK_SECONDS]  # not the 600 s lease: protection is back soon
+
+
+# -- leases kept alive by their holder ------------------------------------------------------------
+def test_a_computation_longer_than_the_lease_runs_once(own_memcached):  # type: ignore[no-untyped-def]
+    from memoshare import MemcachedBackend
+
+    backend = MemcachedBackend(own_memcached.address)
+
+    @memoize(backend, lease_timeout=1.0, shared_stats=False)
+    def long_job(x):
+        _count_run(backend, "runs")
+        time.sleep(3.5)  # three and a half leases: the holder renews it meanwhile
+        return x + 1
+
+    results, _ = _run_together(long_job, 1, workers=4)
+    assert [value for value, _, _ in results] == [2] * 4
+    assert backend.get("runs") == b"1"
+
+
+def test_a_hung_holder_is_taken_over_within_one_lease(own_memcached):  # type: ignore[no-untyped-def]
+    from memoshare import MemcachedBackend
+
+    backend = MemcachedBackend(own_memcached.address)
+
+    @memoize(backend, lease_timeout=1.0, shared_stats=False)
+    def job(x):
+        _count_run(backend, "runs")
+        time.sleep(0.5)
+        return x * 3
+
+    holder = FORK.Process(target=job, args=(5,))
+    holder.start()
+    deadline = time.monotonic() + 10
+    while backend.get("runs") != b"1":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(holder.pid, signal.SIGSTOP)  # hangs: no result, no renewal
+    try:
+        start = time.monotonic()
+        assert job(5) == 15
+        assert time.monotonic() - start < 1.0 + 0.5 + 1.5  # one lease, one run, slack
+        assert backend.get("runs") == b"2"
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.join(10)

@@ -66,9 +66,10 @@ class MemoizeOptions:
             uncached.
         stampede: on a miss, let one caller compute while the others wait for its result
             (default: on for deterministic functions).
-        lease_timeout: seconds after which a computing caller's claim expires, so that a
-            crashed worker does not block the others (default 60). Set it above the
-            function's running time, or waiters will compute too.
+        lease_timeout: seconds after which a computing caller's claim expires unless renewed
+            (default 5). A live caller renews it every third of that while it computes, so
+            it bounds how long a crashed or hung worker blocks the others, not how long the
+            function may run.
         wait_timeout: the longest a waiter waits for a computing caller that is alive before
             computing itself (default ``None``: no limit). A caller that dies stops holding
             its claim after ``lease_timeout``; then exactly one waiter takes over.
@@ -91,7 +92,7 @@ class MemoizeOptions:
     version: Any = None
     strict: bool = False
     stampede: bool | None = None
-    lease_timeout: float = 60.0
+    lease_timeout: float = 5.0
     wait_timeout: float | None = None
     shared_stats: bool = True
 

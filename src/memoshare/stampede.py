@@ -2,9 +2,11 @@
 
 A :class:`Lease` says who computes a key. :class:`StoreLease` keeps it in the store itself:
 the caller that wins ``add(key + "~lease")`` computes and stores; the others poll the entry
-with a growing pause (5 ms up to 200 ms). The lease expires after ``timeout`` seconds, so a
-crashed worker blocks nobody for longer than that; a waiter that has waited ``wait_timeout``
-seconds computes by itself.
+with a growing pause (5 ms up to 200 ms). The lease expires after ``timeout`` seconds unless
+its holder renews it (:class:`LeaseKeeper`, every third of the timeout while it computes), so
+a crashed or hung worker blocks nobody for longer than one short timeout, and a computation may
+take as long as it needs; a waiter that has waited ``wait_timeout`` seconds for a live holder
+computes by itself.
 
 A holder that does not store (its call was faster than ``time_threshold``, the value cannot be
 pickled, or the function raised) leaves the "not stored" mark under the entry's key (see
@@ -22,16 +24,19 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
+from . import _process
+from .backends.base import Backend
 from .client import MISSING, NOT_STORED
 from .errors import BackendError
 from .storage import EntryStore
 
-__all__ = ["LEASE_SUFFIX", "Lease", "StoreLease", "compute_once"]
+__all__ = ["LEASE_SUFFIX", "Lease", "LeaseKeeper", "StoreLease", "compute_once", "keeper"]
 
 logger = logging.getLogger("memoshare")
 
@@ -61,6 +66,72 @@ class Lease(ABC):
         for themselves). Raises :class:`~memoshare.BackendError`."""
 
 
+class LeaseKeeper:
+    """Keeps the leases this process holds alive while it computes.
+
+    A lease expires after its ``timeout``; a holder that is alive renews it every third of that
+    (one compare-and-set, only while the lease still holds its token), from one daemon thread
+    per process. So a short lease (a few seconds) is safe for computations of any length, and
+    the work of a holder that died (SIGKILL, OOM) or hangs (SIGSTOP) is taken over within one
+    short lease. A forked child holds none of its parent's leases.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[int, str], tuple[Backend, bytes, float]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def keep(self, backend: Backend, lease: str, token: bytes, timeout: float) -> None:
+        """Renew ``lease`` (holding ``token``) every ``timeout / 3`` s until :meth:`drop`."""
+        with self._lock:
+            self._held[id(backend), lease] = (backend, token, timeout)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="memoshare-leases", daemon=True
+                )
+                self._thread.start()
+        self._wake.set()  # a shorter lease than those held so far: renew on its schedule
+
+    def drop(self, backend: Backend, lease: str, token: bytes) -> None:
+        """Stop renewing ``lease`` (if it is still ours, as ``token`` says)."""
+        with self._lock:
+            held = self._held.get((id(backend), lease))
+            if held is not None and held[1] == token:
+                del self._held[id(backend), lease]
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                held = list(self._held.items())
+            pause = min((timeout for _, (_, _, timeout) in held), default=1.0) / 3
+            self._wake.wait(pause)
+            self._wake.clear()
+            for (_, lease), (backend, token, timeout) in held:
+                try:
+                    self._renew(backend, lease, token, timeout)
+                except Exception as exc:  # noqa: BLE001 - a failed renewal: the lease expires
+                    logger.debug("memoshare: renewing %s failed: %s", lease, exc)
+
+    def _renew(self, backend: Backend, lease: str, token: bytes, timeout: float) -> None:
+        with self._lock:
+            if self._held.get((id(backend), lease), (None, None))[1] != token:
+                return  # released meanwhile
+        current, cas = backend.gets(lease)
+        if current == token:
+            backend.cas(lease, token, cas, timeout)
+
+    def after_fork_in_child(self) -> None:
+        self._held = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread = None
+
+
+keeper = LeaseKeeper()
+_process.after_fork_child(keeper.after_fork_in_child, _process.Order.CACHES)
+
+
 def new_token() -> bytes:
     """A token no other holder has: process, time and randomness."""
     return f"{os.getpid()}:{time.time():.6f}:{os.urandom(4).hex()}".encode()
@@ -79,12 +150,16 @@ class StoreLease(Lease):
 
     def acquire(self, key: str) -> bytes | None:
         token = new_token()
-        return token if self.backend.add(key + LEASE_SUFFIX, token, self.timeout) else None
+        if not self.backend.add(key + LEASE_SUFFIX, token, self.timeout):
+            return None
+        keeper.keep(self.backend, key + LEASE_SUFFIX, token, self.timeout)
+        return token
 
     def holder(self, key: str) -> bytes | None:
         return self.backend.get(key + LEASE_SUFFIX)
 
     def release(self, key: str, token: bytes, stored: bool) -> None:
+        keeper.drop(self.backend, key + LEASE_SUFFIX, token)
         if not stored and self.mark:
             self.entries.mark_not_stored(key, min(self.timeout, NOT_STORED_MARK_SECONDS))
         lease = key + LEASE_SUFFIX
@@ -98,6 +173,8 @@ class StoreLease(Lease):
         if not tokens:
             return
         leases = {key + LEASE_SUFFIX: token for key, token in tokens.items()}
+        for lease, token in leases.items():
+            keeper.drop(self.backend, lease, token)
         current = self.backend.get_many(list(leases))
         ours = [lease for lease, token in leases.items() if current.get(lease) == token]
         if ours:

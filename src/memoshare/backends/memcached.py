@@ -407,7 +407,10 @@ class MemcachedBackend(Backend):
     def _exptime(expire: float | None) -> int:
         if not expire:
             return 0
-        seconds = max(1, math.ceil(expire))
+        # memcached's clock ticks in whole seconds: an item set to expire in n seconds may
+        # go at the next tick after n - 1. One second more makes it last at least `expire`
+        # (a lease renewed every third of its life must not lapse in between).
+        seconds = math.ceil(expire) + 1
         # memcached reads an expiry over 30 days as a Unix time (so a long lease would expire
         # at once): give those as the time they end.
         return seconds if seconds <= _RELATIVE_EXPIRY_LIMIT else int(time.time()) + seconds

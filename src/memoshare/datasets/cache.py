@@ -76,9 +76,10 @@ class CacheOptions:
         namespace: prefix of every key (as for :func:`memoshare.memoize`).
         writer_buffer_size: new samples are written in batches of this many, in one round trip.
         stampede: on a miss, let one process compute while the others wait for its sample.
-        lease_timeout: seconds after which a computing process's claim expires (a crashed
-            worker blocks the others no longer than that); above the time one sample takes
-            plus ``flush_interval``.
+        lease_timeout: seconds after which a computing process's claim expires unless renewed
+            (default 5). A live process renews it while it computes a sample and while the
+            sample waits in its write buffer, so it bounds how long a crashed or hung worker
+            blocks the others, not how long a sample may take.
         wait_timeout: longest a process waits for another live process's sample (default
             ``None``: no limit; a dead process's claim expires after ``lease_timeout``, and
             then exactly one waiter takes over).
@@ -94,7 +95,7 @@ class CacheOptions:
     namespace: str = DEFAULT_NAMESPACE
     writer_buffer_size: int = 1
     stampede: bool = True
-    lease_timeout: float = 30.0
+    lease_timeout: float = 5.0
     wait_timeout: float | None = None
     flush_interval: float | None = 1.0
     strict: bool = False

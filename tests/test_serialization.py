@@ -14,10 +14,13 @@ import pytest
 from memoshare import CorruptEntry, UnpicklableValue
 from memoshare.serialization import FLAG_CHUNKED, HEADER_SIZE, dumps, header, loads
 
+#: Where the body of a checked entry starts: the header, then the 8-byte checksum.
+BODY = HEADER_SIZE + 8
+
 
 def n_buffers(entry: bytes) -> int:
     """How many out-of-band buffers an entry carries (see the format in serialization.py)."""
-    return struct.unpack_from("<I", entry, HEADER_SIZE)[0]
+    return struct.unpack_from("<I", entry, BODY)[0]
 
 
 # -- round trips -------------------------------------------------------------------------------
@@ -153,7 +156,7 @@ def test_wrong_lengths_are_corrupt():
     assert n_buffers(entry) == 2
     with pytest.raises(CorruptEntry):
         loads(bytes(entry) + b"extra")
-    for offset in range(HEADER_SIZE, HEADER_SIZE + 4 + 3 * 8, 4):  # count and length fields
+    for offset in range(BODY, BODY + 4 + 3 * 8, 4):  # count and length fields
         damaged = bytearray(entry)
         damaged[offset] ^= 0x55
         with pytest.raises(CorruptEntry):
@@ -173,3 +176,27 @@ def test_unpicklable_values(value):
     with pytest.raises(UnpicklableValue) as info:
         dumps(value)
     assert isinstance(info.value, TypeError)
+
+
+# -- integrity -------------------------------------------------------------------------------------
+def test_a_flipped_byte_anywhere_is_a_miss_not_a_wrong_value():
+    """A plain entry (not chunked) carries a checksum too: one flipped bit in a stored float64
+    array used to come back as a hit with a wrong element."""
+    value = np.arange(1000.0)
+    entry = dumps(value)
+    for offset in [*range(HEADER_SIZE, 64), len(entry) // 2, len(entry) - 1]:
+        damaged = bytearray(entry)
+        damaged[offset] ^= 0x01
+        with pytest.raises(CorruptEntry):
+            loads(bytes(damaged))
+    with pytest.raises(CorruptEntry):
+        loads(entry[:-1])  # truncated
+
+
+def test_entries_written_before_checksums_are_still_read():
+    # the format of memoshare 0.1.0: header (flags 0) | count | lengths | pickle
+    import pickle as stdlib_pickle
+
+    stream = stdlib_pickle.dumps({"a": 1}, protocol=5)
+    old = header(0) + struct.pack("<IQ", 0, len(stream)) + stream
+    assert loads(old) == {"a": 1}

@@ -24,7 +24,7 @@ from typing import Any
 
 import cloudpickle
 import xxhash
-from xxhash import xxh3_64_intdigest
+from xxhash import xxh3_64_digest
 
 from .errors import CorruptEntry, UnpicklableValue
 
@@ -55,9 +55,11 @@ _LENGTH = struct.Struct("<Q")
 OUT_OF_BAND_MIN_BYTES = 64 * 1024
 
 
-_SUM = struct.Struct("<Q")
+_SUM_SIZE = 8  # xxh3-64, big-endian (as xxhash's digest() gives it)
 _CHECKED = _HEADER.pack(MAGIC, FORMAT_VERSION, 0x04)
-_BODY = HEADER_SIZE + _SUM.size  # where the checked body starts
+_BODY = HEADER_SIZE + _SUM_SIZE  # where the checked body starts
+_NO_BUFFERS = _COUNT.pack(0)
+_PICKLE_IN_BODY = _COUNT.size + _LENGTH.size  # the pickle of a body without buffers
 
 
 def header(flags: int = 0) -> bytes:
@@ -101,7 +103,7 @@ def dumps(value: Any) -> bytes:
     checksum = xxhash.xxh3_64()
     for part in body:
         checksum.update(part)
-    return b"".join([_CHECKED, _SUM.pack(checksum.intdigest()), *body])
+    return b"".join([_CHECKED, checksum.digest(), *body])
 
 
 def loads(data: bytes | memoryview) -> Any:
@@ -112,9 +114,20 @@ def loads(data: bytes | memoryview) -> Any:
     unchecked. Out-of-band buffers are copied into ``bytearray`` objects so that arrays come
     back writable, as they were before caching.
     """
+    if type(data) is bytes and len(data) < 4096 and data.startswith(_CHECKED):
+        # The common case, kept short: for a small entry, copying a slice of bytes is cheaper
+        # than a memoryview (this is ~1 us of a local hit).
+        body = data[_BODY:]
+        if xxh3_64_digest(body) != data[HEADER_SIZE:_BODY]:
+            raise CorruptEntry("the entry does not match its checksum (damaged or truncated)")
+        if body.startswith(_NO_BUFFERS):
+            try:
+                return pickle.loads(body[_PICKLE_IN_BODY:])
+            except Exception as exc:
+                raise CorruptEntry(f"cannot unpickle entry: {exc}") from exc
     view = memoryview(data)
     if bytes(view[:HEADER_SIZE]) == _CHECKED:
-        if len(view) < _BODY or xxh3_64_intdigest(view[_BODY:]) != _SUM.unpack_from(view, 4)[0]:
+        if len(view) < _BODY or xxh3_64_digest(view[_BODY:]) != view[HEADER_SIZE:_BODY]:
             raise CorruptEntry("the entry does not match its checksum (damaged or truncated)")
         return _body(view, _BODY)
     flags = read_header(view)

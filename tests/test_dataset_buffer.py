@@ -195,3 +195,40 @@ def test_buffer_is_flushed_at_interpreter_exit(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     reopened = CachedDataset.from_cache("exit", backend=DiskBackend(tmp_path))
     assert [len(reopened[i]) for i in range(10)] == list(range(1, 11))
+
+
+def _buffer_then_idle(backend, ready, done) -> None:  # type: ignore[no-untyped-def]
+    ds = CachedDataset(
+        SlowDataset(8),
+        backend=backend,
+        dataset_name="held",
+        writer_buffer_size=100,
+        flush_interval=None,  # nothing is written until the buffer fills, or someone asks
+    )
+    for i in range(4):
+        ds[i]
+    ready.set()
+    done.wait(60)  # alive and idle, as a persistent DataLoader worker between epochs
+
+
+def test_a_sample_waiting_in_an_idle_process_buffer_is_written_when_asked_for(
+    memcached_backend,
+) -> None:  # type: ignore[no-untyped-def]
+    import multiprocessing as mp
+
+    fork = mp.get_context("fork")
+    ready, done = fork.Event(), fork.Event()
+    holder = fork.Process(target=_buffer_then_idle, args=(memcached_backend, ready, done))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        log: list[int] = []
+        ds = CachedDataset(SlowDataset(8, log=log), backend=memcached_backend, dataset_name="held")
+        start = time.monotonic()
+        assert_sample(ds[2], 2)  # held, leased and renewed by the idle process
+        assert time.monotonic() - start < 1.0  # as long as the holder's write takes
+        assert log == []  # not computed a second time
+        assert ds.stats.hits == 1
+    finally:
+        done.set()
+        holder.join(30)

@@ -8,6 +8,7 @@ moments with one atomic update.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import importlib
@@ -26,7 +27,7 @@ from .keys import DEFAULT_NAMESPACE, KeyBuilder, check_namespace, function_part
 from .moments import Moments
 from .options import check_bool, check_int, check_real, check_seconds
 from .shared_stats import track as track_shared_stats
-from .stampede import StoreLease, compute_once
+from .stampede import COMPUTE, StoreLease, compute_once, protocol
 from .storage import MAX_UPDATE_ATTEMPTS
 
 __all__ = ["BoundMemoizedFunction", "MemoizeOptions", "MemoizedFunction", "memoize"]
@@ -296,6 +297,12 @@ class MemoizedFunction(Generic[P, R]):
         start = time.perf_counter()
         value = self._target(*args, **kwargs)
         elapsed = time.perf_counter() - start
+        if inspect.iscoroutine(value):
+            value.close()
+            raise TypeError(
+                f"{self.__qualname__} is a coroutine function: memoize it with memoize(), "
+                "which returns an async function to await (or await its acall())"
+            )
         runtime = self._runtime
         self._runtime = elapsed if runtime is None else 0.8 * runtime + 0.2 * elapsed
         return value, elapsed
@@ -323,19 +330,97 @@ class MemoizedFunction(Generic[P, R]):
 
     # -- running moments -----------------------------------------------------------------------
     def _call_stochastic(self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
+        converged = self._converged_mean(key)
+        if converged is not MISSING:
+            return converged  # type: ignore[no-any-return]
+        value, _ = self._run(args, kwargs)
+        return self._fold(key, value)  # type: ignore[no-any-return]
+
+    def _converged_mean(self, key: str) -> Any:
+        """The stored mean if it has converged (a hit), else :data:`MISSING`."""
         opts = self.options
         record = self._lookup(key)
         if isinstance(record, Moments) and record.converged(opts.rtol_stderr, opts.min_repetitions):
             self.stats.hit()
-            return record.mean  # type: ignore[no-any-return]
-        value, _ = self._run(args, kwargs)
+            return record.mean
+        return MISSING
+
+    def _fold(self, key: str, value: Any) -> Any:
+        """Add ``value`` to the stored moments; the running mean (``value`` if that failed)."""
 
         def add(current: Any) -> Moments:
             # Anything but a record (absent, unreadable) starts afresh.
             return current.add(value) if isinstance(current, Moments) else Moments.first(value)
 
         updated = self._client.update(key, add)
-        return value if updated is MISSING else updated.mean  # type: ignore[no-any-return]
+        return value if updated is MISSING else updated.mean
+
+    # -- coroutine functions -------------------------------------------------------------------
+    async def acall(self, *args: Any, **kwargs: Any) -> Any:
+        """The call of a memoized ``async def`` function (what the function returned by
+        :func:`memoize` awaits). Waiting for another caller's result does not block the
+        event loop; the store's own operations are short blocking calls."""
+        if self._self is not _NO_SELF:
+            args = (self._self, *args)
+        key = self._keys.key(args, kwargs)
+        opts = self.options
+        if opts.allow_repeated_evaluations:
+            converged = self._converged_mean(key)
+            if converged is not MISSING:
+                return converged
+            return self._fold(key, (await self._arun(args, kwargs))[0])
+        value = self._lookup(key)
+        if value is not MISSING and value is not NOT_STORED:
+            self.stats.hit()
+            return value
+        if not (
+            value is MISSING
+            and opts.stampede
+            and not self._client.health.failing
+            and not self._expected_unstored()
+        ):
+            return (await self._acompute_and_store(key, args, kwargs))[0]
+        steps = protocol(
+            self._lease,
+            key,
+            lookup=lambda: self._lookup(key),
+            on_error=self._client.failed,
+            wait_timeout=opts.wait_timeout,
+        )
+        try:
+            request = next(steps)
+            while True:
+                if request is COMPUTE:
+                    try:
+                        reply = await self._acompute_and_store(key, args, kwargs)
+                    except BaseException as exc:
+                        request = steps.throw(exc)  # releases the lease, and raises exc
+                        continue
+                else:
+                    await asyncio.sleep(request)  # waiting yields to the event loop
+                    reply = None
+                request = steps.send(reply)
+        except StopIteration as done:
+            hit, value = done.value
+        if hit:
+            self.stats.hit()
+        return value
+
+    async def _arun(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, float]:
+        self.stats.count("misses")  # first: hits + misses == calls, even if it raises
+        start = time.perf_counter()
+        value = await self._target(*args, **kwargs)
+        elapsed = time.perf_counter() - start
+        runtime = self._runtime
+        self._runtime = elapsed if runtime is None else 0.8 * runtime + 0.2 * elapsed
+        return value, elapsed
+
+    async def _acompute_and_store(
+        self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Any, bool]:
+        value, elapsed = await self._arun(args, kwargs)
+        stored = elapsed >= self.options.time_threshold and self._client.store(key, value)
+        return value, stored
 
     # -- helpers -------------------------------------------------------------------------------
     def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str:
@@ -481,12 +566,30 @@ def memoize(backend: Any = None, **options: Any) -> Any:
     if isinstance(backend, type) and issubclass(backend, Backend):
         make_backend(backend)  # raises: the class given instead of an instance
     if callable(backend) and not isinstance(backend, Backend):
-        return MemoizedFunction(backend, **options)
+        return _front(MemoizedFunction(backend, **options))
 
     def decorate(fn: Callable[P, R]) -> MemoizedFunction[P, R]:
-        return MemoizedFunction(fn, backend=backend, **options)
+        return _front(MemoizedFunction(fn, backend=backend, **options))  # type: ignore[return-value]
 
     return decorate
+
+
+def _front(memoized: MemoizedFunction[P, R]) -> Any:
+    """What the user gets: the memoized function, or for an ``async def`` function an async
+    function awaiting it (so that ``inspect.iscoroutinefunction`` and frameworks that check it
+    see a coroutine function), with the same ``stats``, ``cache_key``, ``invalidate``,
+    ``backend``, ``namespace`` and ``options``."""
+    if not inspect.iscoroutinefunction(memoized._target):
+        return memoized
+
+    @functools.wraps(memoized._fn)
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        return await memoized.acall(*args, **kwargs)
+
+    for name in ("stats", "cache_key", "invalidate", "backend", "namespace", "options"):
+        setattr(call, name, getattr(memoized, name))
+    call.__memoized__ = memoized  # type: ignore[attr-defined]
+    return call
 
 
 def __getattr__(name: str) -> Any:

@@ -27,7 +27,7 @@ import random
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 from . import _process
@@ -36,7 +36,16 @@ from .client import MISSING, NOT_STORED
 from .errors import BackendError
 from .storage import EntryStore
 
-__all__ = ["LEASE_SUFFIX", "Lease", "LeaseKeeper", "StoreLease", "compute_once", "keeper"]
+__all__ = [
+    "COMPUTE",
+    "LEASE_SUFFIX",
+    "Lease",
+    "LeaseKeeper",
+    "StoreLease",
+    "compute_once",
+    "keeper",
+    "protocol",
+]
 
 logger = logging.getLogger("memoshare")
 
@@ -181,6 +190,72 @@ class StoreLease(Lease):
             self.backend.delete_many(ours)
 
 
+#: What the protocol asks of its driver: run ``compute`` and send back ``(value, stored)``.
+COMPUTE = object()
+Step = Generator[Any, Any, tuple[bool, Any]]
+
+
+def protocol(
+    lease: Lease,
+    key: str,
+    *,
+    lookup: Callable[[], Any],
+    on_error: Callable[[BackendError, str], None],
+    wait_timeout: float | None,
+) -> Step:
+    """The stampede protocol as a generator, so that one protocol serves sync and async
+    callers: it yields :data:`COMPUTE` (send back ``(value, stored)``) or a pause in seconds
+    (send back ``None``), and returns ``(hit, value)``. Its driver runs the computation and
+    the pauses (:func:`compute_once`; ``MemoizedFunction`` awaits them for coroutines). An
+    exception of the computation is thrown into it: the lease is released, and it
+    propagates.
+    """
+    deadline = None if wait_timeout is None else time.monotonic() + wait_timeout
+    pause = 0.005
+    while True:
+        try:
+            token = lease.acquire(key)
+        except BackendError as exc:
+            on_error(exc, "lease")
+            return False, (yield COMPUTE)[0]
+        if token is not None:
+            stored = False
+            try:
+                value = lookup()  # stored between our miss and our lease?
+                if value is not MISSING and value is not NOT_STORED:
+                    stored = True
+                    return True, value
+                value, stored = yield COMPUTE
+                return False, value
+            finally:
+                try:
+                    lease.release(key, token, stored)
+                except BackendError as exc:
+                    on_error(exc, "lease release")
+        while True:  # another caller holds the lease: wait for its entry, or for it to go
+            yield pause * (0.5 + random.random())
+            pause = min(pause * 1.5, 0.2)
+            value = lookup()
+            if value is NOT_STORED:
+                return False, (yield COMPUTE)[0]  # nothing is coming: no point in waiting
+            if value is not MISSING:
+                return True, value
+            try:
+                holder = lease.holder(key)
+            except BackendError as exc:
+                on_error(exc, "lease")
+                return False, (yield COMPUTE)[0]
+            if holder is None:
+                # The holder crashed (its lease expired) or failed without a mark: compete
+                # for the lease again, so that exactly one waiter takes over.
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                logger.info(
+                    "memoshare: waited %.1fs for another worker on %s; computing", wait_timeout, key
+                )
+                return False, (yield COMPUTE)[0]
+
+
 def compute_once(
     lease: Lease,
     key: str,
@@ -204,47 +279,19 @@ def compute_once(
             long as the lease is held; a dead holder's lease expires, and then exactly one
             waiter takes over).
     """
-    deadline = None if wait_timeout is None else time.monotonic() + wait_timeout
-    pause = 0.005
-    while True:
-        try:
-            token = lease.acquire(key)
-        except BackendError as exc:
-            on_error(exc, "lease")
-            return False, compute()[0]
-        if token is not None:
-            stored = False
-            try:
-                value = lookup()  # stored between our miss and our lease?
-                if value is not MISSING and value is not NOT_STORED:
-                    stored = True
-                    return True, value
-                value, stored = compute()
-                return False, value
-            finally:
+    steps = protocol(lease, key, lookup=lookup, on_error=on_error, wait_timeout=wait_timeout)
+    try:
+        request = next(steps)
+        while True:
+            if request is COMPUTE:
                 try:
-                    lease.release(key, token, stored)
-                except BackendError as exc:
-                    on_error(exc, "lease release")
-        while True:  # another caller holds the lease: wait for its entry, or for it to go
-            time.sleep(pause * (0.5 + random.random()))
-            pause = min(pause * 1.5, 0.2)
-            value = lookup()
-            if value is NOT_STORED:
-                return False, compute()[0]  # nothing is coming: no point in taking turns
-            if value is not MISSING:
-                return True, value
-            try:
-                holder = lease.holder(key)
-            except BackendError as exc:
-                on_error(exc, "lease")
-                return False, compute()[0]
-            if holder is None:
-                # The holder crashed (its lease expired) or failed without a mark: compete
-                # for the lease again, so that exactly one waiter takes over.
-                break
-            if deadline is not None and time.monotonic() >= deadline:
-                logger.info(
-                    "memoshare: waited %.1fs for another worker on %s; computing", wait_timeout, key
-                )
-                return False, compute()[0]
+                    reply = compute()
+                except BaseException as exc:
+                    request = steps.throw(exc)  # releases the lease, and raises exc
+                    continue
+            else:
+                time.sleep(request)
+                reply = None
+            request = steps.send(reply)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]

@@ -27,7 +27,8 @@ PENDING_FACTOR = 4
 REFUSED_TRIES = 3
 #: Pauses between the attempts of a flush that may block (explicit, close, exit).
 RETRY_PAUSES = (0.1, 0.5, 1.0)
-_FLUSH_TICK = 0.1
+#: Seconds between two looks of the flusher thread (due buffers, samples asked for).
+_FLUSH_TICK = 0.02
 
 
 # -- the write buffer ------------------------------------------------------------------------------
@@ -143,13 +144,33 @@ class WriteBuffer:
 
     def hold(self, key: str, token: bytes) -> bool:
         """Keep the lease of ``key`` (our ``token``) until its sample is written or dropped;
-        ``False`` if the sample is not waiting here."""
+        ``False`` if the sample is not waiting here. While we hold it, the flusher thread
+        watches for another process asking for the sample (see :meth:`wanted`)."""
         with self._lock:
             entry = self.pending.get(key)
             if entry is None or entry.token is not None:
                 return False
             entry.token = token
-            return True
+        flusher.watch(self)
+        return True
+
+    def wanted(self) -> bool:
+        """Whether another process waits for a sample whose lease this buffer holds (it left
+        a :data:`~memoshare.stampede.WANTED_SUFFIX` flag): then the buffer is written now, so
+        that it waits no longer than the write takes."""
+        with self._lock:
+            leased = [key for key, entry in self.pending.items() if entry.token is not None]
+        if not leased:
+            return False
+        flags = [key + WANTED_SUFFIX for key in leased]
+        try:
+            asked = self.client.present(flags)
+            if asked:
+                self.client.backend.delete_many(list(asked))
+        except BackendError as exc:
+            logger.debug("memoshare: %s: checking for waiters failed: %s", self.client.name, exc)
+            return False
+        return bool(asked)
 
     def release(self, tokens: dict[str, bytes]) -> None:
         """Release the leases of these samples (key: our token); a store error only delays
@@ -283,6 +304,10 @@ class WriteBuffer:
         )
 
 
+#: Suffix of the flag a process waiting for a buffered sample leaves for the lease's holder.
+WANTED_SUFFIX = "~wanted"
+
+
 class BufferedLease(StoreLease):
     """A :class:`~memoshare.stampede.StoreLease` whose sample waits in a write buffer.
 
@@ -305,12 +330,22 @@ class BufferedLease(StoreLease):
             return
         super().release(key, token, stored)
 
+    def holder(self, key: str) -> bytes | None:
+        holder = super().holder(key)
+        if holder is not None:
+            # The sample may wait in the holder's write buffer: ask for it to be written now
+            # (the holder's flusher thread looks for this flag every few milliseconds).
+            self.backend.set(key + WANTED_SUFFIX, b"1", self.timeout)
+        return holder
+
 
 class BufferFlusher:
-    """One daemon thread per process writing buffers whose oldest sample waited too long.
+    """One daemon thread per process writing buffers whose oldest sample waited too long, or
+    whose leased samples another process asks for.
 
     Without it a sample could wait in an idle process's buffer (the parent of DataLoader
-    workers, say) while another process waits for its lease.
+    workers, say, or a persistent worker between epochs) while another process waits for its
+    lease, which the live holder keeps renewing.
     """
 
     def __init__(self) -> None:
@@ -336,7 +371,7 @@ class BufferFlusher:
             now = time.monotonic()
             for buffer in list(self._buffers):
                 try:
-                    if buffer.due(now):
+                    if buffer.due(now) or buffer.wanted():
                         buffer.flush()
                 except Exception as exc:  # strict mode, or a bug: never kill the thread
                     logger.debug("memoshare: background flush failed: %s", exc)

@@ -161,6 +161,44 @@ def run(samples: int, batch: int, repeat: int, tensors: bool = False) -> dict[st
     return results
 
 
+def persistent_workers(samples: int, batch: int) -> dict[str, float]:
+    """Second-epoch seconds of a DataLoader with 2 persistent, shuffling workers, for several
+    ``flush_interval`` values, and of the same loader over a cache written in full first.
+
+    Samples computed in epoch 1 may still wait in a worker's write buffer when epoch 2 asks
+    another worker for them: that worker must not wait longer than the buffer's write.
+    """
+    import torch
+    import torch.utils.data as tud
+
+    epochs: dict[str, float] = {}
+    with memcached_server(memory_mb=256) as (host, port):
+        backend = MemcachedBackend((host, port))
+        for label, flush_interval in (("fully flushed", 0.05), ("3 s", 3.0), ("None", None)):
+            cached = CachedDataset(
+                SlowDataset(samples),
+                backend=backend,
+                dataset_name=f"persistent-{label}",
+                writer_buffer_size=10 * batch,  # larger than an epoch's share of a worker
+                flush_interval=flush_interval,
+                log_every=None,
+            )
+            loader = tud.DataLoader(
+                cached,
+                batch_size=batch,
+                num_workers=2,
+                persistent_workers=True,
+                shuffle=True,
+                generator=torch.Generator().manual_seed(0),
+            )
+            list(loader)  # epoch 1: computes
+            if label == "fully flushed":
+                time.sleep(0.5)  # every buffer written before epoch 2
+            epochs[label] = timed(lambda loader=loader: list(loader))[0]
+            del loader
+    return {f"persistent workers, epoch 2, flush_interval={k}": v for k, v in epochs.items()}
+
+
 def report(results: dict[str, float], samples: int, tensors: bool) -> None:
     """Print the table and the ratios to the target."""
     size = results.pop("sample bytes")
@@ -192,6 +230,16 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
     results = run(args.samples, args.batch, args.repeat, args.tensors)
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        persistent = persistent_workers(args.samples, args.batch)
+        flushed = persistent["persistent workers, epoch 2, flush_interval=fully flushed"]
+        for name, seconds in persistent.items():
+            print(f"{name:60} {seconds:8.3f} s  {seconds / flushed:5.2f}x of fully flushed")
+        results.update(persistent)
     if args.json:  # before report(), which takes "sample bytes" out of the results
         settings = {"samples": args.samples, "batch": args.batch, "tensors": args.tensors}
         # results: seconds per epoch (median and best of the repeats), "sample bytes", ratios

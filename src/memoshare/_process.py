@@ -63,8 +63,7 @@ class Order(enum.IntEnum):
     LOCKS = 0
     #: Backends: connections and LMDB environments of the parent are forgotten.
     STORES = 10
-    #: Caches on top of the stores: dataset write buffers (written at exit before the stats,
-    #: so that the stats count their sets).
+    #: Caches on top of the stores: dataset write buffers, the lease keeper.
     CACHES = 20
     #: Shared statistics: flushed last, after everything that counts.
     STATS = 30

@@ -143,6 +143,18 @@ def _count_run(backend, name: str) -> None:  # type: ignore[no-untyped-def]
     backend.incr(name)
 
 
+def _holder_computing(fn, arg, backend):  # type: ignore[no-untyped-def]
+    """A forked process calling ``fn(arg)``, returned once it holds the lease and computes
+    (``fn`` counts its runs in ``backend`` under "runs")."""
+    holder = FORK.Process(target=fn, args=(arg,))
+    holder.start()
+    deadline = time.monotonic() + 10
+    while backend.get("runs") != b"1":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return holder
+
+
 def test_a_crashed_holder_is_taken_over_by_exactly_one_waiter(own_memcached):  # type: ignore[no-untyped-def]
     from memoshare import MemcachedBackend
 
@@ -154,12 +166,7 @@ def test_a_crashed_holder_is_taken_over_by_exactly_one_waiter(own_memcached):  #
         time.sleep(1.0)
         return x * 10
 
-    holder = FORK.Process(target=slow, args=(7,))
-    holder.start()
-    deadline = time.monotonic() + 10
-    while backend.get("runs") != b"1":  # the holder has the lease and computes
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    holder = _holder_computing(slow, 7, backend)
     os.kill(holder.pid, signal.SIGKILL)
     holder.join(10)
     results, elapsed = _run_together(slow, 7, workers=7)
@@ -260,12 +267,7 @@ def test_a_hung_holder_is_taken_over_within_one_lease(own_memcached):  # type: i
         time.sleep(0.5)
         return x * 3
 
-    holder = FORK.Process(target=job, args=(5,))
-    holder.start()
-    deadline = time.monotonic() + 10
-    while backend.get("runs") != b"1":
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    holder = _holder_computing(job, 5, backend)
     os.kill(holder.pid, signal.SIGSTOP)  # hangs: no result, no renewal
     try:
         start = time.monotonic()

@@ -109,7 +109,7 @@ def test_getitems_is_one_round_trip_per_batch(memcached_server) -> None:  # type
     assert backend.counts == Counter(get_many=len(batches))
 
 
-def test_a_missed_sample_costs_a_lease_add_get_and_delete(memcached_server) -> None:  # type: ignore[no-untyped-def]
+def test_a_missed_sample_costs_a_lease_add_and_a_get(memcached_server) -> None:  # type: ignore[no-untyped-def]
     backend = CountingMemcached(memcached_server.address)
     backend.clear()
     ds = CachedDataset(
@@ -117,12 +117,10 @@ def test_a_missed_sample_costs_a_lease_add_get_and_delete(memcached_server) -> N
     )
     backend.counts.clear()  # the manifest
     ds.__getitems__(list(range(16)))
-    # Per batch: the read, the write and the check of the lease tokens. Per missed sample:
-    # take the lease, read the sample again (another process may have stored it since the
-    # batch read) and delete the lease (one delete per key on memcached).
-    assert backend.counts == Counter(
-        get_many=2, set_many=1, add=16, get=16, delete_many=1, delete=16
-    )
+    # Per batch: the read and the write. Per missed sample: take the lease and read the
+    # sample again (another process may have stored it since the batch read). The leases of
+    # written samples are let go (no longer renewed), not deleted: a waiter finds the sample.
+    assert backend.counts == Counter(get_many=1, set_many=1, add=16, get=16)
 
 
 def test_large_samples_are_chunked(memcached_server) -> None:  # type: ignore[no-untyped-def]

@@ -330,10 +330,11 @@ class SampleCache:
         index: int | None,
         compute: Callable[[], Any],
         flush: bool = True,
-    ) -> Any:
-        """Compute a missing sample (once among all waiting callers), buffer and return it."""
+    ) -> tuple[bool, Any]:
+        """Compute a missing sample (once among all waiting callers) and buffer it:
+        ``(hit, value)``, where ``hit`` says another process stored it meanwhile."""
         if not self.options.stampede or self.client.health.failing:
-            return self._compute(key, index, compute, flush)[0]
+            return False, self._compute(key, index, compute, flush)[0]
         hit, value = compute_once(
             self.lease,
             key,
@@ -344,7 +345,7 @@ class SampleCache:
         )
         if hit:
             self.stats.hit()
-        return value
+        return hit, value
 
     def ensure_stored(self, key: str, index: int | None, compute: Callable[[], Any]) -> bool:
         """Compute and buffer ``key`` unless stored (for preloading); whether it computed."""

@@ -201,7 +201,7 @@ class CachedDataset(CacheFront):
         key = f"{self._prefix}{i}"
         value = self._cache.lookup(key, i)
         if value is MISSING:
-            value = self._cache.obtain(key, i, self._loader(i))
+            value = self._cache.obtain(key, i, self._loader(i))[1]
         return value
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
@@ -218,9 +218,16 @@ class CachedDataset(CacheFront):
         found = self._cache.lookup_many(keys, idx)
         distinct = len(set(keys))
         if len(found) < distinct:
-            for key, i in zip(keys, idx, strict=True):
-                if key not in found:
-                    found[key] = self._cache.obtain(key, i, self._loader(i), flush=False)
+            missing = {key: i for key, i in zip(keys, idx, strict=True) if key not in found}
+            while missing:
+                key, i = next(iter(missing.items()))
+                del missing[key]
+                hit, found[key] = self._cache.obtain(key, i, self._loader(i), flush=False)
+                if hit and missing:
+                    # Another process wrote it (a buffer flushed when asked for): the rest
+                    # of the batch is likely there too, one round trip away.
+                    found.update(self._cache.lookup_many(list(missing), list(missing.values())))
+                    missing = {k: j for k, j in missing.items() if k not in found}
             self._cache.buffer.flush_if_full()
         if distinct == len(keys):
             return [found[k] for k in keys]

@@ -56,7 +56,7 @@ class CacheLoader(CacheFront):
         skey = cache.loader_key(key)
         value = cache.lookup(skey, None)
         if value is MISSING:
-            value = cache.obtain(skey, None, lambda: load_fn(key))
+            value = cache.obtain(skey, None, lambda: load_fn(key))[1]
         return value
 
     def key(self, key: Any) -> str:

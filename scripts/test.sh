@@ -3,7 +3,8 @@
 #   bash scripts/test.sh            # the whole suite
 #   bash scripts/test.sh -k keys    # extra arguments go to pytest
 # Installs memcached and redis-server (Debian packages) when missing, creates .venv with the
-# package, its test extras and PyTorch (CPU build 2.13.0), checks ruff, runs pytest. The tests
+# package, its test and docs extras and PyTorch (CPU build 2.13.0), checks ruff, builds the
+# docs site strictly (a broken page fails the run), runs pytest. The tests
 # start their own servers on free loopback ports and stop them afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,8 +24,8 @@ if [ ! -x .venv/bin/python ]; then
   echo "==> creating .venv"
   python3 -m venv .venv
 fi
-echo "==> installing memoshare with its test extras"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+echo "==> installing memoshare with its test and docs extras"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,docs]'
 if ! .venv/bin/python -c 'import torch' >/dev/null 2>&1; then
   # Exactly this version: a CPU build of it is available here; other specs pull in CUDA.
   echo "==> installing torch==2.13.0 (CPU)"
@@ -33,5 +34,9 @@ fi
 
 echo "==> ruff"
 .venv/bin/ruff check src tests benchmarks
+echo "==> docs (mkdocs build --strict)"
+site=$(mktemp -d)
+NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet --site-dir "$site"
+rm -rf "$site"
 echo "==> pytest"
 exec .venv/bin/python -m pytest "$@"

@@ -277,3 +277,34 @@ def test_a_hung_holder_is_taken_over_within_one_lease(own_memcached):  # type: i
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.join(10)
+
+
+def test_short_computations_cost_the_lease_keeper_nothing():
+    from memoshare import MemoryBackend
+
+    class CountingGets(MemoryBackend):
+        gets_calls = 0
+
+        def gets(self, key):  # type: ignore[no-untyped-def]
+            CountingGets.gets_calls += 1
+            return super().gets(key)
+
+    store = CountingGets()
+
+    @memoize(store, lease_timeout=3.0, shared_stats=False)
+    def quick(x):
+        time.sleep(0.005)  # far shorter than a third of the lease
+        return x
+
+    for i in range(50):
+        quick(i)
+    time.sleep(0.2)
+    assert CountingGets.gets_calls == 0  # no lease lived long enough to be renewed
+
+    @memoize(store, lease_timeout=0.6, shared_stats=False)
+    def slow(x):
+        time.sleep(0.7)
+        return x
+
+    slow(1)
+    assert 1 <= CountingGets.gets_calls <= 4  # renewed every 0.2 s while it ran

@@ -82,25 +82,31 @@ class LeaseKeeper:
     (one compare-and-set, only while the lease still holds its token), from one daemon thread
     per process. So a short lease (a few seconds) is safe for computations of any length, and
     the work of a holder that died (SIGKILL, OOM) or hangs (SIGSTOP) is taken over within one
-    short lease. A forked child holds none of its parent's leases.
+    short lease. A lease is renewed only when its third has passed: most computations end
+    before that and cost the keeper nothing. A forked child holds none of its parent's leases.
     """
 
     def __init__(self) -> None:
-        self._held: dict[tuple[int, str], tuple[Backend, bytes, float]] = {}
+        # (id(backend), lease) -> [backend, token, timeout, when it is next due]
+        self._held: dict[tuple[int, str], list[Any]] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._next_due = float("inf")  # when the thread wakes up next, as it planned
 
     def keep(self, backend: Backend, lease: str, token: bytes, timeout: float) -> None:
         """Renew ``lease`` (holding ``token``) every ``timeout / 3`` s until :meth:`drop`."""
+        due = time.monotonic() + timeout / 3
         with self._lock:
-            self._held[id(backend), lease] = (backend, token, timeout)
+            self._held[id(backend), lease] = [backend, token, timeout, due]
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="memoshare-leases", daemon=True
                 )
                 self._thread.start()
-        self._wake.set()  # a shorter lease than those held so far: renew on its schedule
+            wake = due < self._next_due  # due before the thread's planned wake-up
+        if wake:
+            self._wake.set()
 
     def drop(self, backend: Backend, lease: str, token: bytes) -> None:
         """Stop renewing ``lease`` (if it is still ours, as ``token`` says)."""
@@ -111,20 +117,30 @@ class LeaseKeeper:
 
     def _run(self) -> None:
         while True:
+            now = time.monotonic()
             with self._lock:
-                held = list(self._held.items())
-            pause = min((timeout for _, (_, _, timeout) in held), default=1.0) / 3
-            self._wake.wait(pause)
-            self._wake.clear()
-            for (_, lease), (backend, token, timeout) in held:
+                due = [(key, list(held)) for key, held in self._held.items() if held[3] <= now]
+                later = [held[3] for held in self._held.values() if held[3] > now]
+                self._next_due = min(later, default=now + 1.0)
+            for (_, lease), (backend, token, timeout, _) in due:
                 try:
                     self._renew(backend, lease, token, timeout)
                 except Exception as exc:  # noqa: BLE001 - a failed renewal: the lease expires
                     logger.debug("memoshare: renewing %s failed: %s", lease, exc)
+            with self._lock:
+                for key, (_, token, timeout, _) in due:
+                    held = self._held.get(key)
+                    if held is not None and held[1] == token:
+                        held[3] = time.monotonic() + timeout / 3
+                        self._next_due = min(self._next_due, held[3])
+                pause = max(self._next_due - time.monotonic(), 0.0)
+            self._wake.wait(pause)
+            self._wake.clear()
 
     def _renew(self, backend: Backend, lease: str, token: bytes, timeout: float) -> None:
         with self._lock:
-            if self._held.get((id(backend), lease), (None, None))[1] != token:
+            held = self._held.get((id(backend), lease))
+            if held is None or held[1] != token:
                 return  # released meanwhile
         current, cas = backend.gets(lease)
         if current == token:
@@ -135,6 +151,7 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread = None
+        self._next_due = float("inf")
 
 
 keeper = LeaseKeeper()

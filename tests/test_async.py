@@ -110,3 +110,54 @@ def test_a_coroutine_function_given_to_memoized_function_directly_is_refused() -
     direct = MemoizedFunction(fetch, backend=MemoryBackend())
     with pytest.raises(TypeError, match="coroutine"):
         direct(1)
+
+
+class Client:
+    """A module-level class: its methods' digests take the class's other members in."""
+
+    @memoize(MemoryBackend(), shared_stats=False)
+    async def fetch(self, x):
+        return x + 1
+
+    @memoize(MemoryBackend(), shared_stats=False)
+    @staticmethod
+    async def parse(x):
+        return -x
+
+    def helper(self):
+        return 0
+
+
+def test_async_methods_and_static_methods_of_a_module_level_class() -> None:
+    async def main():  # type: ignore[no-untyped-def]
+        client = Client()
+        return [
+            await client.fetch(1),
+            await client.fetch(1),
+            await Client.parse(2),
+            await client.parse(2),
+        ]
+
+    assert asyncio.run(main()) == [2, 2, -2, -2]
+    assert Client.fetch.stats.hits == 1 and Client.parse.stats.hits == 1
+
+
+def test_a_cancelled_holder_hands_over_to_one_waiter() -> None:
+    runs = []
+
+    @memoize(MemoryBackend(), shared_stats=False)
+    async def slow(x):
+        runs.append(x)
+        await asyncio.sleep(0.3)
+        return x
+
+    async def main():  # type: ignore[no-untyped-def]
+        holder = asyncio.ensure_future(slow(1))
+        await asyncio.sleep(0.05)  # the holder computes
+        waiters = [asyncio.ensure_future(slow(1)) for _ in range(4)]
+        await asyncio.sleep(0.05)
+        holder.cancel()
+        return await asyncio.gather(*waiters)
+
+    assert asyncio.run(main()) == [1] * 4
+    assert len(runs) == 2  # the cancelled holder's run, and exactly one waiter's

@@ -350,3 +350,19 @@ def test_a_sample_whose_loader_failed_is_not_counted_as_cached(memory_backend) -
     assert not ds.is_complete()
     ds.preload(progress=False).wait()
     assert ds.is_complete() and ds[3] == 3
+
+
+def test_a_refill_right_after_clear_does_not_wait_for_old_leases(memcached_backend) -> None:
+    ds = CachedDataset(
+        SlowDataset(16), backend=memcached_backend, dataset_name="refill", writer_buffer_size=16
+    )
+    ds.__getitems__(list(range(16)))
+    ds.flush()  # written: their leases are let go, and live on for lease_timeout
+    ds.clear()
+    start = time.monotonic()
+    ds.__getitems__(list(range(16)))
+    assert time.monotonic() - start < 2.0  # not the 5 s of the old leases
+    memcached_backend.delete(ds.key(3))  # evicted, say, while its old lease still lives
+    start = time.monotonic()
+    assert_sample(ds[3], 3)
+    assert time.monotonic() - start < 2.0

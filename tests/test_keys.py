@@ -741,3 +741,20 @@ def test_equal_tensors_share_entries_across_processes(tmp_path) -> None:  # type
     assert total.cache_key(torch.zeros(2)) != total.cache_key(torch.zeros(2, dtype=torch.int64))
     assert total.cache_key(torch.zeros(2)) != total.cache_key(np.zeros(2))
     assert total.cache_key(torch.zeros(2)) != total.cache_key(torch.zeros(1, 2))
+
+
+def test_tensor_keys_cover_layout_gradient_and_odd_strides() -> None:
+    torch = pytest.importorskip("torch")
+    grid = torch.arange(12.0).reshape(4, 3)
+    # a one-element view with a stride of 3 keys like the same value laid out plainly
+    assert value_digest(grid[0:1, 0]) == value_digest(torch.tensor([0.0]))
+    assert value_digest(grid[:, 1]) == value_digest(torch.tensor([1.0, 4.0, 7.0, 10.0]))
+    dense = torch.eye(3)
+    assert value_digest(dense) != value_digest(dense.to_sparse())  # another layout
+    assert value_digest(torch.ones(2, requires_grad=True)) != value_digest(torch.ones(2))
+    huge = torch.sparse_coo_tensor([[0], [0]], [1.0], (20000, 20000))
+    assert value_digest(huge) != value_digest(
+        torch.sparse_coo_tensor([[1], [0]], [1.0], (20000, 20000))
+    )
+    with pytest.raises(TypeError, match="cannot be keyed"):
+        value_digest(torch.empty(2, device="meta"))

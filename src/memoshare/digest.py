@@ -73,6 +73,7 @@ def _is_tensor(obj: Any) -> bool:
 
 def _memo_digest(obj: Any) -> bytes | None:
     """The function part of a memoized function (None for anything else, its class included)."""
+    obj = getattr(obj, "__memoized__", obj)  # the async function memoize() returns
     digest = getattr(obj, "_memoshare_digest", None)
     return digest if isinstance(digest, bytes) else None
 
@@ -184,18 +185,33 @@ class CanonicalEncoder:
         self.tag(b"data", data)
 
     def tensor(self, t: Any) -> None:
-        """A torch tensor like a numpy array: its type, dtype, shape, device type and
-        gradient flag, then its elements' bytes in C order. (torch pickles a tensor with its
-        storage's identity, which differs in every process: equal tensors never shared.)"""
+        """A torch tensor like a numpy array: its type, dtype, shape, layout, device type and
+        gradient flag, then its elements' bytes in C order (a sparse COO tensor: its coalesced
+        indices and values). torch pickles a tensor with its storage's identity, which differs
+        in every process: equal tensors would never share an entry."""
         import torch  # imported already: t is a tensor
 
-        t = t.detach()
-        if t.layout != torch.strided:
-            t = t.to_dense()  # a sparse tensor equals its dense values
-        meta = f"{_name(type(t))}:{t.dtype}:{tuple(t.shape)}:{t.device.type}:{t.requires_grad}"
+        meta = (
+            f"{_name(type(t))}:{t.dtype}:{tuple(t.shape)}:{t.layout}:{t.device.type}:"
+            f"{t.requires_grad}"
+        )
         self.text(b"tensor", meta)
-        flat = t.resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
-        data = flat.view(torch.uint8).numpy() if flat.numel() else np.empty(0, np.uint8)
+        try:
+            t = t.detach()
+            if t.layout == torch.sparse_coo:
+                t = t.coalesce()
+                self.tensor(t.indices())
+                self.tensor(t.values())
+                return
+            if t.layout != torch.strided:
+                raise TypeError(f"{t.layout} tensors have no canonical encoding here")
+            t = t.resolve_conj().resolve_neg().cpu()
+            flat = t.clone(memory_format=torch.contiguous_format).reshape(-1)
+            data = flat.view(torch.uint8).numpy() if flat.numel() else np.empty(0, np.uint8)
+        except TypeError:
+            raise
+        except Exception as exc:  # meta, nested, quantized tensors: no bytes to read
+            raise TypeError(f"{meta} cannot be keyed: {exc}") from exc
         self.tag(b"data", memoryview(data))
 
     def reduced(self, obj: Any) -> None:
@@ -360,7 +376,13 @@ def _feed_methods(hasher: CanonicalEncoder, cls: type, seen: set[int]) -> None:
     seen.add(id(cls))
     for attr, member in sorted(vars(cls).items()):
         member = getattr(member, "__func__", member)  # staticmethod, classmethod
-        if isinstance(member, types.FunctionType) and id(member) not in seen:
+        # Memoized methods are keyed by their own digest, not fed here (an async one is a
+        # plain function whose closure holds it: feeding it would recurse into this digest).
+        if (
+            isinstance(member, types.FunctionType)
+            and id(member) not in seen
+            and not hasattr(member, "__memoized__")
+        ):
             hasher.text(b"member", attr)
             _feed_function(hasher, member, seen)
 

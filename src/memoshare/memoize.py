@@ -589,7 +589,8 @@ def _front(memoized: MemoizedFunction[P, R]) -> Any:
     for name in ("stats", "cache_key", "invalidate", "backend", "namespace", "options"):
         setattr(call, name, getattr(memoized, name))
     call.__memoized__ = memoized  # type: ignore[attr-defined]
-    return call
+    # Over @staticmethod in a class body: stay unbound, as the staticmethod would.
+    return staticmethod(call) if memoized._static else call
 
 
 def __getattr__(name: str) -> Any:

@@ -93,6 +93,26 @@ class LeaseKeeper:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_due = float("inf")  # when the thread wakes up next, as it planned
+        # Leases let go without a round trip (their values are stored), until they expire:
+        # (id(backend), lease) -> (our token, when it expires).
+        self._let_go: dict[tuple[int, str], tuple[bytes, float]] = {}
+
+    def let_go(self, backend: Backend, lease: str, token: bytes, timeout: float) -> None:
+        """Stop renewing ``lease`` and remember it as ours until it expires, so that this
+        process can take it back at once (:meth:`let_go_token`) if it needs the key again
+        (cleared, evicted) before then."""
+        self.drop(backend, lease, token)
+        now = time.monotonic()
+        with self._lock:
+            if len(self._let_go) > 4096:  # forget the expired ones
+                self._let_go = {k: v for k, v in self._let_go.items() if v[1] > now}
+            self._let_go[id(backend), lease] = (token, now + timeout + 1.0)
+
+    def let_go_token(self, backend: Backend, lease: str) -> bytes | None:
+        """Our token of ``lease`` if this process let it go and it may not have expired."""
+        with self._lock:
+            found = self._let_go.pop((id(backend), lease), None)
+        return found[0] if found is not None and found[1] > time.monotonic() else None
 
     def keep(self, backend: Backend, lease: str, token: bytes, timeout: float) -> None:
         """Renew ``lease`` (holding ``token``) every ``timeout / 3`` s until :meth:`drop`."""
@@ -152,6 +172,7 @@ class LeaseKeeper:
         self._wake = threading.Event()
         self._thread = None
         self._next_due = float("inf")
+        self._let_go = {}
 
 
 keeper = LeaseKeeper()
@@ -175,11 +196,21 @@ class StoreLease(Lease):
         self.mark = mark  # leave the "not stored" mark when releasing without a value
 
     def acquire(self, key: str) -> bytes | None:
+        lease = key + LEASE_SUFFIX
         token = new_token()
-        if not self.backend.add(key + LEASE_SUFFIX, token, self.timeout):
+        if not self.backend.add(lease, token, self.timeout) and not self._take_back(lease, token):
             return None
-        keeper.keep(self.backend, key + LEASE_SUFFIX, token, self.timeout)
+        keeper.keep(self.backend, lease, token, self.timeout)
         return token
+
+    def _take_back(self, lease: str, token: bytes) -> bool:
+        """Replace a lease this process let go (its value was stored, then cleared or
+        evicted) with ``token``: waiting for our own lease to expire would stall us."""
+        ours = keeper.let_go_token(self.backend, lease)
+        if ours is None:
+            return False
+        current, cas = self.backend.gets(lease)
+        return current == ours and bool(self.backend.cas(lease, token, cas, self.timeout))
 
     def holder(self, key: str) -> bytes | None:
         return self.backend.get(key + LEASE_SUFFIX)
@@ -195,10 +226,10 @@ class StoreLease(Lease):
             self.backend.delete(lease)
 
     def forget_many(self, tokens: dict[str, bytes]) -> None:
-        """Stop renewing the leases of keys whose values are stored (key -> our token); they
-        expire by themselves. Costs no round trip."""
+        """Let go of the leases of keys whose values are stored (key -> our token): no longer
+        renewed, they expire by themselves. Costs no round trip."""
         for key, token in tokens.items():
-            keeper.drop(self.backend, key + LEASE_SUFFIX, token)
+            keeper.let_go(self.backend, key + LEASE_SUFFIX, token, self.timeout)
 
     def release_many(self, tokens: dict[str, bytes]) -> None:
         """Release the leases of several stored keys (key -> our token) in two round trips."""
@@ -248,7 +279,15 @@ def protocol(
                 if value is not MISSING and value is not NOT_STORED:
                     stored = True
                     return True, value
-                value, stored = yield COMPUTE
+                try:
+                    value, stored = yield COMPUTE
+                except Exception:
+                    raise  # the function failed: the mark tells the waiters at once
+                except BaseException:
+                    # Cancelled (asyncio), interrupted: the function did not fail, so no mark;
+                    # freeing the lease lets exactly one waiter take over.
+                    stored = True
+                    raise
                 return False, value
             finally:
                 try:

@@ -158,8 +158,15 @@ class WriteBuffer:
         """Whether another process waits for a sample whose lease this buffer holds (it left
         a :data:`~memoshare.stampede.WANTED_SUFFIX` flag): then the buffer is written now, so
         that it waits no longer than the write takes."""
+        # Only samples that have waited a while: most are written with their batch, and the
+        # look costs a round trip.
+        old = time.monotonic() - WANTED_AFTER
         with self._lock:
-            leased = [key for key, entry in self.pending.items() if entry.token is not None]
+            leased = [
+                key
+                for key, entry in self.pending.items()
+                if entry.token is not None and entry.since <= old
+            ]
         if not leased:
             return False
         flags = [key + WANTED_SUFFIX for key in leased]
@@ -309,6 +316,8 @@ class WriteBuffer:
 
 #: Suffix of the flag a process waiting for a buffered sample leaves for the lease's holder.
 WANTED_SUFFIX = "~wanted"
+#: Seconds a sample waits in the buffer before the flusher thread looks for such flags.
+WANTED_AFTER = 0.05
 
 
 class BufferedLease(StoreLease):
@@ -320,13 +329,14 @@ class BufferedLease(StoreLease):
     once, so no round trip is spent per computed sample.
     """
 
-    __slots__ = ("buffer",)
+    __slots__ = ("buffer", "_asked")
 
     def __init__(self, entries: EntryStore, timeout: float, buffer: WriteBuffer) -> None:
         # No "not stored" mark: a sample key holding one would look stored to the checks of
         # completeness (they test presence, not values).
         super().__init__(entries, timeout, mark=False)
         self.buffer = buffer
+        self._asked: dict[str, float] = {}  # key -> until when our flag stands
 
     def release(self, key: str, token: bytes, stored: bool) -> None:
         if stored and self.buffer.hold(key, token):
@@ -335,10 +345,15 @@ class BufferedLease(StoreLease):
 
     def holder(self, key: str) -> bytes | None:
         holder = super().holder(key)
-        if holder is not None:
+        now = time.monotonic()
+        if holder is not None and self._asked.get(key, 0.0) <= now:
             # The sample may wait in the holder's write buffer: ask for it to be written now
-            # (the holder's flusher thread looks for this flag every few milliseconds).
+            # (the holder's flusher thread looks for this flag every few milliseconds). Once
+            # per wait, not at every poll: a flag stands for the lease's timeout.
             self.backend.set(key + WANTED_SUFFIX, b"1", self.timeout)
+            if len(self._asked) > 1024:
+                self._asked = {k: t for k, t in self._asked.items() if t > now}
+            self._asked[key] = now + self.timeout / 2
         return holder
 
 

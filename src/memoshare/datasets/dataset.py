@@ -356,7 +356,8 @@ class CachedDataset(CacheFront):
         cache.buffer.discard()
         cache.forget_seen()  # or the misses to come would look like evictions
         if not cache.backend.can_list_keys:  # memcached: chunks are left to its LRU
-            listed = [f"{self._prefix}{i}" for i in range(self._length)]
+            samples = [f"{self._prefix}{i}" for i in range(self._length)]
+            listed = [f"{key}{suffix}" for key in samples for suffix in ("", "~lease", "~wanted")]
         else:  # every key of the dataset, chunks and leases included
             listed = cache.backend.keys(cache.prefix)
         removed = 0

@@ -268,28 +268,37 @@ class MemoizedFunction(Generic[P, R]):
         if self._self is not _NO_SELF:
             args = (self._self, *args)  # type: ignore[assignment]
         key = self._keys.key(args, kwargs)
-        opts = self.options
-        if opts.allow_repeated_evaluations:
+        if self.options.allow_repeated_evaluations:
             return self._call_stochastic(key, args, kwargs)
         value = self._lookup(key)
         if value is not MISSING and value is not NOT_STORED:
             self.stats.hit()
             return value  # type: ignore[no-any-return]
-        # A miss is protected: one caller computes while the others wait. Where the last
-        # caller left the "not stored" mark, nobody is computing for us: compute at once.
-        if (
-            value is MISSING
-            and opts.stampede
-            and not self._client.health.failing
-            and not self._expected_unstored()
-        ):
+        if self._protected(value):
             return self._compute_once(key, args, kwargs)
         return self._compute_and_store(key, args, kwargs)[0]  # type: ignore[no-any-return]
 
-    def _expected_unstored(self) -> bool:
-        """Whether this call will most likely be faster than ``time_threshold``."""
+    def _protected(self, looked_up: Any) -> bool:
+        """Whether a miss takes the lease (one caller computes while the others wait). Not
+        where the last caller left the "not stored" mark (nobody computes for us), nor when
+        the call will most likely be faster than ``time_threshold`` (nothing will be stored
+        to wait for), nor while the store fails."""
         runtime = self._runtime
-        return runtime is not None and runtime < self.options.time_threshold
+        return (
+            looked_up is MISSING
+            and bool(self.options.stampede)
+            and not self._client.health.failing
+            and not (runtime is not None and runtime < self.options.time_threshold)
+        )
+
+    def _observed(self, elapsed: float) -> None:
+        """Fold a run time into the running estimate ``_protected`` reads."""
+        runtime = self._runtime
+        self._runtime = elapsed if runtime is None else 0.8 * runtime + 0.2 * elapsed
+
+    def _keep(self, key: str, value: Any, elapsed: float) -> bool:
+        """Store ``value`` unless its call was faster than ``time_threshold``."""
+        return elapsed >= self.options.time_threshold and self._client.store(key, value)
 
     def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, float]:
         # Counted first: a call whose function raises was a miss too (hits + misses == calls).
@@ -303,8 +312,7 @@ class MemoizedFunction(Generic[P, R]):
                 f"{self.__qualname__} is a coroutine function: memoize it with memoize(), "
                 "which returns an async function to await (or await its acall())"
             )
-        runtime = self._runtime
-        self._runtime = elapsed if runtime is None else 0.8 * runtime + 0.2 * elapsed
+        self._observed(elapsed)
         return value, elapsed
 
     def _compute_and_store(
@@ -312,8 +320,7 @@ class MemoizedFunction(Generic[P, R]):
     ) -> tuple[Any, bool]:
         """Run the function; store the result unless it was faster than ``time_threshold``."""
         value, elapsed = self._run(args, kwargs)
-        stored = elapsed >= self.options.time_threshold and self._client.store(key, value)
-        return value, stored
+        return value, self._keep(key, value, elapsed)
 
     def _compute_once(self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
         hit, value = compute_once(
@@ -373,12 +380,7 @@ class MemoizedFunction(Generic[P, R]):
         if value is not MISSING and value is not NOT_STORED:
             self.stats.hit()
             return value
-        if not (
-            value is MISSING
-            and opts.stampede
-            and not self._client.health.failing
-            and not self._expected_unstored()
-        ):
+        if not self._protected(value):
             return (await self._acompute_and_store(key, args, kwargs))[0]
         steps = protocol(
             self._lease,
@@ -411,16 +413,14 @@ class MemoizedFunction(Generic[P, R]):
         start = time.perf_counter()
         value = await self._target(*args, **kwargs)
         elapsed = time.perf_counter() - start
-        runtime = self._runtime
-        self._runtime = elapsed if runtime is None else 0.8 * runtime + 0.2 * elapsed
+        self._observed(elapsed)
         return value, elapsed
 
     async def _acompute_and_store(
         self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[Any, bool]:
         value, elapsed = await self._arun(args, kwargs)
-        stored = elapsed >= self.options.time_threshold and self._client.store(key, value)
-        return value, stored
+        return value, self._keep(key, value, elapsed)
 
     # -- helpers -------------------------------------------------------------------------------
     def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str:

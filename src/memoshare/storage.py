@@ -68,10 +68,6 @@ def _digest(data: bytes | memoryview) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
-def _chunk_keys(key: str, nonce: bytes, count: int) -> list[str]:
-    return [f"{key}~{nonce.hex()}~{i}" for i in range(count)]  # see _Manifest.chunk_keys
-
-
 class _Manifest:
     """A parsed manifest: which chunks make the payload, and how to check them.
 
@@ -99,6 +95,11 @@ class _Manifest:
         self.count = count
         self.total = total
         self.digest = digest
+
+    @classmethod
+    def of(cls, key: str, data: bytes | None) -> _Manifest | None:
+        """The manifest of a stored item, or ``None`` (absent, a whole payload, damaged)."""
+        return None if data is None or not is_manifest(data) else cls.parse(key, data)
 
     @classmethod
     def parse(cls, key: str, data: bytes) -> _Manifest | None:
@@ -213,8 +214,7 @@ class EntryStore:
     def chunk_keys(self, key: str) -> list[str]:
         """The keys of the chunks of the entry under ``key`` (none for a whole or absent
         entry, or a damaged manifest)."""
-        data = self._get(key)
-        manifest = _Manifest.parse(key, data) if data is not None and is_manifest(data) else None
+        manifest = _Manifest.of(key, self._get(key))
         return [] if manifest is None else manifest.chunk_keys()
 
     # -- writing -------------------------------------------------------------------------------
@@ -225,11 +225,13 @@ class EntryStore:
         if limit is None or len(payload) <= limit:
             return {key: payload}
         view = memoryview(payload)
-        nonce = os.urandom(16)
         count = -(-len(payload) // limit)
-        keys = _chunk_keys(key, nonce, count)
+        manifest = _MANIFEST_HEADER + _MANIFEST.pack(
+            os.urandom(16), count, len(payload), _digest(payload)
+        )
+        keys = _Manifest(key, manifest).chunk_keys()  # named where readers name them
         items = {k: bytes(view[i * limit : (i + 1) * limit]) for i, k in enumerate(keys)}
-        items[key] = _MANIFEST_HEADER + _MANIFEST.pack(nonce, count, len(payload), _digest(payload))
+        items[key] = manifest
         return items
 
     def _prepared(self, key: str, payload: bytes, expire: float | None = None) -> bytes:
@@ -303,7 +305,7 @@ class EntryStore:
         """Remove the entry under ``key`` with its chunks; return whether it existed (a
         "not stored" mark is removed too, but is no entry)."""
         data = self._get(key)
-        manifest = _Manifest.parse(key, data) if data is not None and is_manifest(data) else None
+        manifest = _Manifest.of(key, data)
         existed = self.backend.delete(key) and data != NOT_STORED_ITEM
         if manifest is not None:
             for keys in manifest.batches():
